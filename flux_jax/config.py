@@ -1,0 +1,115 @@
+"""Model configurations as frozen dataclasses, with the published FLUX.1 presets."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+LATENT_CHANNELS = 16  # VAE latent channels
+PATCH = 2  # latents are packed 2x2 into tokens: 16 * 2 * 2 = 64 channels a token
+VAE_DOWNSAMPLE = 8  # pixels per latent, each side
+PIXELS_PER_TOKEN = VAE_DOWNSAMPLE * PATCH  # 16: image sides must be multiples of this
+TIME_EMBED_DIM = 256  # sinusoidal embedding width of timestep and guidance
+TIME_FACTOR = 1000.0  # timesteps and guidance arrive in [0, 1] / natural units; BFL embeds t·1000
+
+
+class _Config:
+    """replace / to_dict / from_dict for the frozen config dataclasses below."""
+
+    def replace(self, **kw: Any):
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig(_Config):
+    in_channels: int = 64  # packed channels the transformer reads (Fill: 64 + 64 + 256)
+    out_channels: int = 64
+    hidden_size: int = 3072
+    num_heads: int = 24
+    mlp_ratio: float = 4.0
+    depth: int = 19  # double-stream blocks
+    depth_single_blocks: int = 38
+    context_in_dim: int = 4096  # T5 width
+    vec_in_dim: int = 768  # CLIP pooled width
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+    remat: bool = False  # recompute block activations in the backward pass (training)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.head_dim}")
+        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+DEV = FluxConfig()
+SCHNELL = DEV.replace(guidance_embed=False)
+KONTEXT = DEV  # same architecture as dev; the difference is in how it is sampled
+FILL = DEV.replace(in_channels=384, out_channels=64)
+PRESETS = {"dev": DEV, "schnell": SCHNELL, "kontext": KONTEXT, "fill": FILL}
+# A tiny model with the real structure, for --demo and fast tests.
+TINY = FluxConfig(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
+                  context_in_dim=32, vec_in_dim=32, axes_dim=(8, 12, 12))
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig(_Config):
+    """CLIP-L/14 text tower."""
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_positions: int = 77
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 2  # transformers' legacy value: 2 means "pool at the argmax token id"
+
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config(_Config):
+    """T5 v1.1 encoder (XXL by default)."""
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    num_heads: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_eps: float = 1e-6
+
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig(_Config):
+    """AutoencoderKL as FLUX uses it: 16 latent channels, no quant convs."""
+    in_channels: int = 3
+    latent_channels: int = LATENT_CHANNELS
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_groups: int = 32
+    scaling_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+

@@ -1,0 +1,124 @@
+"""Building blocks of the FLUX transformer: linear, norms, RoPE, attention, embedders, modulation.
+
+Compute happens in the params' dtype; RoPE, timestep embeddings, norm statistics and softmax
+stay in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .config import TIME_EMBED_DIM, TIME_FACTOR
+
+NORM_EPS = 1e-6
+Init = Callable[..., jax.Array]
+
+
+class Linear(nn.Module):
+    """y = x @ kernel + bias, computed in the kernel's dtype (kernel is (in, out), as Flax's Dense)."""
+    features: int
+    use_bias: bool = True
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Init = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(kernel.dtype), kernel)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        return y
+
+
+def layer_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
+    """LayerNorm without affine params; statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned scale (FLUX's QK norm); statistics in float32."""
+    param_dtype: jnp.dtype = jnp.float32
+    eps: float = NORM_EPS
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return x32.astype(scale.dtype) * scale
+
+
+def timestep_embedding(t: jax.Array, dim: int = TIME_EMBED_DIM, max_period: float = 10_000.0) -> jax.Array:
+    """Sinusoidal embedding [cos, sin] of t·1000 (t in [0, 1]: sigma, or guidance scale), float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = (t.astype(jnp.float32) * TIME_FACTOR)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rope(ids: jax.Array, axes_dim: Sequence[int], theta: int) -> jax.Array:
+    """RoPE rotation table for position ids (B, L, n_axes), integer or fractional.
+
+    Returns (B, L, head_dim // 2, 2) float32 holding (cos, sin) for each adjacent pair of channels;
+    axis i of the ids owns the next axes_dim[i] channels.
+    """
+    ids = ids.astype(jnp.float32)
+    angles = []
+    for i, d in enumerate(axes_dim):
+        omega = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+        angles.append(ids[..., i, None] * omega)
+    angle = jnp.concatenate(angles, axis=-1)
+    return jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=-1)
+
+
+def apply_rope(x: jax.Array, pe: jax.Array) -> jax.Array:
+    """Rotate adjacent channel pairs of x (B, L, H, D) by pe (B, L, D/2, 2), in float32."""
+    xp = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    cos, sin = pe[:, :, None, :, 0], pe[:, :, None, :, 1]
+    re = xp[..., 0] * cos - xp[..., 1] * sin
+    im = xp[..., 0] * sin + xp[..., 1] * cos
+    return jnp.stack([re, im], axis=-1).reshape(x.shape).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array) -> jax.Array:
+    """RoPE then softmax attention over (B, L, H, D); returns (B, L, H·D).
+
+    The one place a faster kernel plugs in: jax.nn.dot_product_attention lets XLA/cuDNN choose.
+    """
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    out = jax.nn.dot_product_attention(q, k, v)
+    return out.reshape(*out.shape[:2], -1)
+
+
+class MLPEmbedder(nn.Module):
+    """in_layer -> SiLU -> out_layer (time, guidance and pooled-text embedders)."""
+    hidden_dim: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = Linear(self.hidden_dim, param_dtype=self.param_dtype, name="in_layer")(x)
+        return Linear(self.hidden_dim, param_dtype=self.param_dtype, name="out_layer")(nn.silu(x))
+
+
+class Modulation(nn.Module):
+    """AdaLN-Zero: `n` (shift, scale, gate...) vectors of width dim from the conditioning vector."""
+    n: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, vec: jax.Array) -> list[jax.Array]:
+        dim = vec.shape[-1]
+        out = Linear(self.n * dim, param_dtype=self.param_dtype, name="lin")(nn.silu(vec))
+        return jnp.split(out[:, None, :], self.n, axis=-1)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return (1 + scale) * layer_norm(x) + shift
