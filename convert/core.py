@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
+from tqdm.auto import tqdm
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -145,11 +146,14 @@ def unflatten(flat: dict[str, Any]) -> dict:
     return tree
 
 
-def convert(reader: Reader, rules: Iterable[Rule], target: dict, dtype=None, ignore: Sequence[str] = ()) -> dict:
+def convert(reader: Reader, rules: Sequence[Rule], target: dict, dtype=None, ignore: Sequence[str] = (),
+            progress: bool = False, scratch: str | os.PathLike | None = None) -> dict:
     """Fill a param tree shaped like `target` (a tree of objects with .shape) from `reader`.
 
     dtype: output dtype; None keeps the source dtype (bf16 stays bf16).
     ignore: source keys known to be unused (e.g. buffers such as position_ids).
+    progress: show a tqdm bar (a real transformer file takes minutes).
+    scratch: a folder for disk-backed (memory-mapped) outputs, so a 24 GB model converts in far less RAM.
     Raises ConversionError listing every problem at once.
     """
     shapes = {p: tuple(v.shape) for p, v in leaves(target).items()}
@@ -157,7 +161,8 @@ def convert(reader: Reader, rules: Iterable[Rule], target: dict, dtype=None, ign
     filled: dict[str, set] = {p: set() for p in shapes}
     used: set[str] = set()
     problems: list[str] = []
-    for rule in rules:
+    for rule in tqdm(rules, desc=f"converting {Path(reader.path).name}", unit="param", disable=not progress,
+                     leave=False):
         missing = [k for k in rule.src if k not in reader]
         if missing:
             problems.append(f"missing source tensor(s) {missing} for {rule.dst}")
@@ -173,7 +178,7 @@ def convert(reader: Reader, rules: Iterable[Rule], target: dict, dtype=None, ign
             problems.append(f"{rule.dst}: expected {want}, got {value.shape} from {list(rule.src)}")
             continue
         if rule.dst not in out:
-            out[rule.dst] = np.empty(full, dtype=dtype or value.dtype)
+            out[rule.dst] = _allocate(full, dtype or value.dtype, scratch, len(out))
         if rule.layer is None:
             out[rule.dst][...] = value
         else:
@@ -192,6 +197,13 @@ def convert(reader: Reader, rules: Iterable[Rule], target: dict, dtype=None, ign
     if problems:
         raise ConversionError(f"{reader.path}: checkpoint does not match the model:\n  " + "\n  ".join(problems))
     return unflatten(out)
+
+
+def _allocate(shape: tuple[int, ...], dtype, scratch, n: int) -> np.ndarray:
+    if scratch is None:
+        return np.empty(shape, dtype=dtype)
+    Path(scratch).mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(Path(scratch) / f"{n}.npy", mode="w+", dtype=dtype, shape=shape)
 
 
 def atomic_dir(dst: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:

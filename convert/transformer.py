@@ -146,8 +146,12 @@ def variant(cfg: FluxConfig) -> str:
     return "dev" if cfg.guidance_embed else "schnell"
 
 
-def convert_transformer(src: str | Path, dtype=None, axes_dim=None) -> tuple[dict, FluxConfig]:
-    """Params and config from a diffusers `transformer/` folder or a BFL single `.safetensors` file."""
+def convert_transformer(src: str | Path, dtype=None, axes_dim=None, **kw) -> tuple[dict, FluxConfig]:
+    """Params and config from a diffusers `transformer/` folder or a BFL single `.safetensors` file.
+
+    axes_dim: RoPE axes, needed only for a BFL file of a non-standard head width.
+    kw: passed to core.convert (progress, scratch).
+    """
     from flux_jax.model import param_shapes
 
     src = Path(src)
@@ -162,4 +166,4 @@ def convert_transformer(src: str | Path, dtype=None, axes_dim=None) -> tuple[dic
         prefix = BFL_PREFIX if any(k.startswith(BFL_PREFIX) for k in reader.keys()) else ""
         cfg = config_from_bfl(reader, prefix, axes_dim)
         rules = bfl_rules(cfg, prefix)
-    return convert(reader, rules, param_shapes(cfg), dtype=dtype), cfg
+    return convert(reader, rules, param_shapes(cfg), dtype=dtype, **kw), cfg

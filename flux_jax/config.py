@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 LATENT_CHANNELS = 16  # VAE latent channels
 PATCH = 2  # latents are packed 2x2 into tokens: 16 * 2 * 2 = 64 channels a token
 VAE_DOWNSAMPLE = 8  # pixels per latent, each side
@@ -113,3 +115,21 @@ class VAEConfig(_Config):
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
 
+
+
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "f16": "float16"}
+
+
+def parse_dtype(dtype: Any) -> np.dtype | None:
+    """None, a numpy/jnp dtype, or a name ('bf16', 'float32', ...) -> numpy dtype (bf16 via ml_dtypes)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPE_NAMES))}")
+        dtype = DTYPE_NAMES[dtype.lower()]
+        if dtype == "bfloat16":
+            import ml_dtypes
+            return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
