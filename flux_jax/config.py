@@ -133,3 +133,10 @@ def parse_dtype(dtype: Any) -> np.dtype | None:
             import ml_dtypes
             return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(dtype)
+
+
+# Tiny text encoders and VAE matching TINY's widths (context 32 = T5 d_model, pooled 32 = CLIP
+# width), for --demo and tests. The VAE keeps 4 levels so it still downsamples 8x.
+TINY_CLIP = CLIPConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+TINY_T5 = T5Config(vocab_size=1000, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2)
+TINY_VAE = VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_groups=8)
