@@ -113,6 +113,25 @@ class Reader:
         return np.array(mm.view(dtype).reshape(shape))  # copy: the map is released right away
 
 
+class DictReader:
+    """Reader over tensors already in memory (e.g. a torch state_dict as numpy), for `convert`."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], name: str = "state_dict"):
+        self.path, self._t = Path(name), tensors
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._t
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t[key].shape)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._t[key]
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """Target leaf `dst` ('a/b/kernel') [at `layer` of its leading layer axis] = fn(*src tensors)."""

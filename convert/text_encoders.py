@@ -129,20 +129,28 @@ def _param_shapes(model) -> dict:
     return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
 
 
-def convert_clip(src_folder: str | Path, dtype=None) -> tuple[dict, CLIPConfig]:
-    """(numpy param tree, config) from a transformers CLIPTextModel folder; dtype None keeps the file's."""
+def convert_clip(src_folder: str | Path, dtype=None, **kw) -> tuple[dict, CLIPConfig]:
+    """(numpy param tree, config) from a transformers CLIPTextModel folder; dtype None keeps the file's.
+
+    kw: passed to core.convert (progress, scratch).
+    """
     cfg = clip_config_from_hf(_read_hf_config(src_folder))
     reader = Reader(src_folder)
     prefix = CLIP_PREFIX if any(k.startswith(CLIP_PREFIX) for k in reader.keys()) else ""
     ignore = [prefix + b for b in CLIP_BUFFERS]
-    return convert(reader, clip_rules(cfg, prefix), _param_shapes(CLIPTextEncoder(cfg)), dtype, ignore), cfg
+    return convert(reader, clip_rules(cfg, prefix), _param_shapes(CLIPTextEncoder(cfg)), dtype, ignore,
+                   **kw), cfg
 
 
-def convert_t5(src_folder: str | Path, dtype=None) -> tuple[dict, T5Config]:
-    """(numpy param tree, config) from a transformers T5EncoderModel folder; dtype None keeps the file's."""
+def convert_t5(src_folder: str | Path, dtype=None, **kw) -> tuple[dict, T5Config]:
+    """(numpy param tree, config) from a transformers T5EncoderModel folder; dtype None keeps the file's.
+
+    kw: passed to core.convert (progress, scratch).
+    """
     cfg = t5_config_from_hf(_read_hf_config(src_folder))
     reader = Reader(src_folder)
     present = [k for k in T5_EMBEDS if k in reader]
     embed_key = present[0] if present else T5_EMBEDS[0]  # none present: convert reports it missing
-    params = convert(reader, t5_rules(cfg, embed_key), _param_shapes(T5Encoder(cfg)), dtype, ignore=present[1:])
+    params = convert(reader, t5_rules(cfg, embed_key), _param_shapes(T5Encoder(cfg)), dtype, ignore=present[1:],
+                     **kw)
     return params, cfg

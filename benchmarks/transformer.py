@@ -1,0 +1,138 @@
+"""One transformer forward: flux-jax vs diffusers on the same config and the same weights, in one run.
+
+    python benchmarks/transformer.py                      # CPU default: real width, 1+2 blocks, 256² and 512², fp32
+    python benchmarks/transformer.py --gpu                # full 19+38 blocks, bf16, 1024², 512 text tokens
+
+Prints a table: median seconds per forward, JAX/torch ratio, JAX compile time, TFLOP/s, and the
+relative L2 difference of the two outputs (a sanity check that both ran the same function).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+
+def flops(depth: int, depth_single: int, hidden: int, mlp_ratio: float, n_txt: int, n_img: int, batch: int) -> float:
+    """Matmul FLOPs of one forward (projections + attention); embedders and norms are negligible."""
+    d, tokens = hidden, n_txt + n_img
+    mlp = mlp_ratio * d
+    double = 2 * tokens * (3 * d * d + d * d + 2 * d * mlp)  # qkv, proj, fc1 + fc2 (each stream's own tokens)
+    single = 2 * tokens * (d * (3 * d + mlp) + (d + mlp) * d)  # linear1, linear2
+    attn = 4 * tokens * tokens * d  # QK^T and AV
+    return batch * (depth * (double + attn) + depth_single * (single + attn))
+
+
+def median_time(fn, repeats: int, sync) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true", help="full model, bf16, 1024², on the GPU")
+    ap.add_argument("--depth", type=int, help="double blocks (CPU default 1, GPU 19)")
+    ap.add_argument("--single", type=int, help="single blocks (CPU default 2, GPU 38)")
+    ap.add_argument("--sizes", type=int, nargs="+", help="image sides in pixels (CPU default 256 512, GPU 1024)")
+    ap.add_argument("--txt", type=int, help="text tokens (CPU default 128, GPU 512)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], help="CPU default fp32, GPU bf16")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--attention", nargs="+", default=[""],
+                    help="JAX attention kernels to compare (xla, cudnn); default: flux_jax's own choice")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch")
+    args = ap.parse_args()
+    gpu = args.gpu
+    depth = args.depth if args.depth is not None else (19 if gpu else 1)
+    single = args.single if args.single is not None else (38 if gpu else 2)
+    sizes = args.sizes or ([1024] if gpu else [256, 512])
+    n_txt = args.txt or (512 if gpu else 128)
+    dtype_name = args.dtype or ("bf16" if gpu else "fp32")
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from convert.core import DictReader, convert
+    from convert.transformer import diffusers_rules
+    from flux_jax.config import DEV, PIXELS_PER_TOKEN
+    from flux_jax.model import Flux, param_shapes
+    from flux_jax.sampling import image_ids, text_ids
+    from diffusers import FluxTransformer2DModel
+
+    torch.set_num_threads(args.threads)
+    cfg = DEV.replace(depth=depth, depth_single_blocks=single)
+    tdev = "cuda" if gpu else "cpu"
+    tdtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    jdtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
+    print(f"config: {depth} double + {single} single blocks, width {cfg.hidden_size}, {n_txt} text tokens, "
+          f"{dtype_name}, jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on {tdev}")
+
+    torch.manual_seed(0)
+    with torch.device(tdev):
+        ref = FluxTransformer2DModel(num_layers=depth, num_single_layers=single, guidance_embeds=True).to(tdtype).eval()
+    t0 = time.perf_counter()
+    sd = {k: v.detach().float().cpu().numpy() if v.dtype != torch.bfloat16 else
+          v.detach().view(torch.int16).cpu().numpy().view(jnp.bfloat16) for k, v in ref.state_dict().items()}
+    params = convert(DictReader(sd), diffusers_rules(cfg), param_shapes(cfg))
+    del sd
+    params = jax.device_put(jax.tree_util.tree_map(lambda p: jnp.asarray(p, jdtype), params))
+    print(f"weights copied and converted in {time.perf_counter() - t0:.1f} s")
+
+    model = Flux(cfg, jdtype)
+    rows = []
+    for side in sizes:
+        h = w = side // PIXELS_PER_TOKEN
+        rng = np.random.default_rng(0)
+        x = {"img": rng.standard_normal((1, h * w, cfg.in_channels), np.float32),
+             "img_ids": image_ids(h, w), "txt": rng.standard_normal((1, n_txt, cfg.context_in_dim), np.float32),
+             "txt_ids": text_ids(n_txt), "timesteps": np.array([0.7], np.float32),
+             "y": rng.standard_normal((1, cfg.vec_in_dim), np.float32), "guidance": np.array([3.5], np.float32)}
+        tx = {k: torch.from_numpy(v).to(tdev) for k, v in x.items()}
+        for k in ("img", "txt", "y"):
+            tx[k] = tx[k].to(tdtype)
+        jx = {k: jnp.asarray(v, jdtype if k in ("img", "txt", "y") else jnp.float32) for k, v in x.items()}
+
+        def torch_fwd():
+            with torch.inference_mode():
+                return ref(hidden_states=tx["img"], encoder_hidden_states=tx["txt"], pooled_projections=tx["y"],
+                           timestep=tx["timesteps"], img_ids=tx["img_ids"], txt_ids=tx["txt_ids"],
+                           guidance=tx["guidance"], return_dict=False)[0]
+
+        tsync = (lambda out: torch.cuda.synchronize()) if gpu else (lambda out: None)
+        out_t = torch_fwd()
+        tsync(out_t)
+        t_torch = median_time(torch_fwd, args.repeats, tsync)
+
+        b = out_t.float().cpu().numpy().astype(np.float64)
+        tf = flops(depth, single, cfg.hidden_size, cfg.mlp_ratio, n_txt, h * w, 1) / 1e12
+        for impl in args.attention:
+            os.environ["FLUX_JAX_ATTENTION"] = impl  # read when tracing: a fresh jit per kernel
+            fwd = jax.jit(lambda p, x: model.apply({"params": p}, **x))
+            t0 = time.perf_counter()
+            compiled = fwd.lower(params, jx).compile()
+            t_compile = time.perf_counter() - t0
+            out_j = compiled(params, jx)
+            out_j.block_until_ready()
+            t_jax = median_time(lambda: compiled(params, jx), args.repeats, lambda out: out.block_until_ready())
+            a = np.asarray(out_j, np.float64)
+            diff = np.linalg.norm(a - b) / np.linalg.norm(b)
+            rows.append((f"{side}x{side}", impl or "auto", h * w, t_torch, t_jax, t_jax / t_torch, t_compile,
+                         tf / t_jax, tf / t_torch, diff))
+
+    print()
+    print(f"{'image':>9} {'attn':>6} {'img tok':>7} {'torch s':>9} {'jax s':>9} {'jax/torch':>9} {'compile s':>9} "
+          f"{'jax TF/s':>9} {'torch TF/s':>10} {'rel diff':>9}")
+    for r in rows:
+        print(f"{r[0]:>9} {r[1]:>6} {r[2]:>7} {r[3]:>9.4f} {r[4]:>9.4f} {r[5]:>9.2f} {r[6]:>9.1f} {r[7]:>9.1f} "
+              f"{r[8]:>10.1f} {r[9]:>9.2e}")
+
+
+if __name__ == "__main__":
+    main()
