@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attention", nargs="+", default=[""],
                     help="JAX attention kernels to compare (xla, cudnn); default: flux_jax's own choice")
+    ap.add_argument("--no-torch", action="store_true",
+                    help="JAX only, random weights drawn on the device (fast; for tuning kernels and flags)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch")
     args = ap.parse_args()
     gpu = args.gpu
@@ -74,16 +76,22 @@ def main() -> None:
     print(f"config: {depth} double + {single} single blocks, width {cfg.hidden_size}, {n_txt} text tokens, "
           f"{dtype_name}, jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on {tdev}")
 
-    torch.manual_seed(0)
-    with torch.device(tdev):
-        ref = FluxTransformer2DModel(num_layers=depth, num_single_layers=single, guidance_embeds=True).to(tdtype).eval()
     t0 = time.perf_counter()
-    sd = {k: v.detach().float().cpu().numpy() if v.dtype != torch.bfloat16 else
-          v.detach().view(torch.int16).cpu().numpy().view(jnp.bfloat16) for k, v in ref.state_dict().items()}
-    params = convert(DictReader(sd), diffusers_rules(cfg), param_shapes(cfg))
-    del sd
-    params = jax.device_put(jax.tree_util.tree_map(lambda p: jnp.asarray(p, jdtype), params))
-    print(f"weights copied and converted in {time.perf_counter() - t0:.1f} s")
+    if args.no_torch:
+        shapes = param_shapes(cfg)
+        keys = iter(jax.random.split(jax.random.PRNGKey(0), len(jax.tree_util.tree_leaves(shapes))))
+        params = jax.tree_util.tree_map(lambda s: 0.02 * jax.random.normal(next(keys), s.shape, jdtype), shapes)
+    else:
+        torch.manual_seed(0)
+        with torch.device(tdev):
+            ref = FluxTransformer2DModel(num_layers=depth, num_single_layers=single,
+                                         guidance_embeds=True).to(tdtype).eval()
+        sd = {k: v.detach().float().cpu().numpy() if v.dtype != torch.bfloat16 else
+              v.detach().view(torch.int16).cpu().numpy().view(jnp.bfloat16) for k, v in ref.state_dict().items()}
+        params = convert(DictReader(sd), diffusers_rules(cfg), param_shapes(cfg))
+        del sd
+        params = jax.device_put(jax.tree_util.tree_map(lambda p: jnp.asarray(p, jdtype), params))
+    print(f"weights ready in {time.perf_counter() - t0:.1f} s")
 
     model = Flux(cfg, jdtype)
     rows = []
@@ -106,11 +114,14 @@ def main() -> None:
                            guidance=tx["guidance"], return_dict=False)[0]
 
         tsync = (lambda out: torch.cuda.synchronize()) if gpu else (lambda out: None)
-        out_t = torch_fwd()
-        tsync(out_t)
-        t_torch = median_time(torch_fwd, args.repeats, tsync)
+        if args.no_torch:
+            t_torch, b = float("nan"), None
+        else:
+            out_t = torch_fwd()
+            tsync(out_t)
+            t_torch = median_time(torch_fwd, args.repeats, tsync)
+            b = out_t.float().cpu().numpy().astype(np.float64)
 
-        b = out_t.float().cpu().numpy().astype(np.float64)
         tf = flops(depth, single, cfg.hidden_size, cfg.mlp_ratio, n_txt, h * w, 1) / 1e12
         for impl in args.attention:
             os.environ["FLUX_JAX_ATTENTION"] = impl  # read when tracing: a fresh jit per kernel
@@ -122,7 +133,7 @@ def main() -> None:
             out_j.block_until_ready()
             t_jax = median_time(lambda: compiled(params, jx), args.repeats, lambda out: out.block_until_ready())
             a = np.asarray(out_j, np.float64)
-            diff = np.linalg.norm(a - b) / np.linalg.norm(b)
+            diff = float("nan") if b is None else np.linalg.norm(a - b) / np.linalg.norm(b)
             rows.append((f"{side}x{side}", impl or "auto", h * w, t_torch, t_jax, t_jax / t_torch, t_compile,
                          tf / t_jax, tf / t_torch, diff))
 

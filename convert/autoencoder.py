@@ -97,10 +97,11 @@ def vae_rules(cfg: VAEConfig) -> list[Rule]:
     return rules
 
 
-def convert_vae(src_folder, dtype=None) -> tuple[dict, VAEConfig]:
+def convert_vae(src_folder, dtype=None, **kw) -> tuple[dict, VAEConfig]:
     """(params, config) from a diffusers VAE folder, or a pipeline folder holding `vae/`.
 
     dtype: params dtype (e.g. jnp.bfloat16); None keeps the file's.
+    kw: passed to core.convert (progress, scratch).
     """
     folder = Path(src_folder)
     if (folder / SUBFOLDER / CONFIG_NAME).is_file():
@@ -109,4 +110,4 @@ def convert_vae(src_folder, dtype=None) -> tuple[dict, VAEConfig]:
     if not config_file.is_file():
         raise ConversionError(f"{folder}: no {CONFIG_NAME}; expected a diffusers VAE folder (or one holding vae/)")
     cfg = vae_config_from_diffusers(json.loads(config_file.read_text()))
-    return convert(Reader(folder), vae_rules(cfg), vae_param_shapes(cfg), dtype), cfg
+    return convert(Reader(folder), vae_rules(cfg), vae_param_shapes(cfg), dtype, **kw), cfg
