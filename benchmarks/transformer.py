@@ -66,7 +66,6 @@ def main() -> None:
     from flux_jax.config import DEV, PIXELS_PER_TOKEN
     from flux_jax.model import Flux, param_shapes
     from flux_jax.sampling import image_ids, text_ids
-    from diffusers import FluxTransformer2DModel
 
     torch.set_num_threads(args.threads)
     cfg = DEV.replace(depth=depth, depth_single_blocks=single)
@@ -82,6 +81,8 @@ def main() -> None:
         keys = iter(jax.random.split(jax.random.PRNGKey(0), len(jax.tree_util.tree_leaves(shapes))))
         params = jax.tree_util.tree_map(lambda s: 0.02 * jax.random.normal(next(keys), s.shape, jdtype), shapes)
     else:
+        from diffusers import FluxTransformer2DModel
+
         torch.manual_seed(0)
         with torch.device(tdev):
             ref = FluxTransformer2DModel(num_layers=depth, num_single_layers=single,
