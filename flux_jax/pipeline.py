@@ -1,0 +1,329 @@
+"""FluxPipeline: prompt -> image in JAX, with the keywords and meanings of diffusers' FluxPipeline.
+
+    pipe = FluxPipeline.from_pretrained("/path/to/FLUX.1-dev", dtype="bf16")
+    image = pipe("a red fox in the snow", seed=0).images[0]
+
+Loads a diffusers-layout folder (converting on the fly) or a folder written by `python -m convert`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from .autoencoder import AutoencoderKL, scale_latents, unscale_latents
+from .clip import CLIPTextEncoder
+from .config import CLIPConfig, FluxConfig, PIXELS_PER_TOKEN, T5Config, VAEConfig, VAE_DOWNSAMPLE, parse_dtype
+from .model import Flux
+from .layers import rope
+from .sampling import cfg_velocity, denoise, get_schedule, image_ids, model_timesteps, text_ids, unpack
+from .t5 import T5Encoder
+
+CLIP_MAX_LENGTH = 77
+MAX_SIDE = 4096  # pixels; beyond this attention over (side/16)² tokens is far outside what FLUX was trained on
+OUTPUT_TYPES = ("pil", "np", "latent")
+# Defaults by variant (as BFL/diffusers recommend); None of the user's keywords means "use these".
+DEFAULTS = {
+    "dev": dict(height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5, max_sequence_length=512),
+    "schnell": dict(height=1024, width=1024, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256),
+    "fill": dict(height=1024, width=1024, num_inference_steps=50, guidance_scale=30.0, max_sequence_length=512),
+}
+SCHNELL_MAX_SEQUENCE = 256
+Prompt = Union[str, Sequence[str]]
+
+
+class PipelineError(ValueError):
+    """Bad input to a pipeline: the message names the problem and the fix."""
+
+
+@dataclasses.dataclass
+class FluxPipelineOutput:
+    images: Any  # list of PIL images, float32 (B, H, W, 3) in [0, 1], or packed latents (B, L, 64)
+    timings: dict = dataclasses.field(default_factory=dict)  # seconds: encode, compile, sample, decode
+
+
+def _as_list(prompt: Optional[Prompt], name: str) -> Optional[list[str]]:
+    if prompt is None:
+        return None
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise PipelineError(f"{name} must be a string or a non-empty list of strings")
+    return prompts
+
+
+def _load_tokenizers(root: Path):
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    for name in ("tokenizer", "tokenizer_2"):
+        if not (root / name).is_dir():
+            raise PipelineError(f"{root}: missing {name}/ folder; is this a complete FLUX model folder?")
+    return CLIPTokenizer.from_pretrained(root / "tokenizer"), T5TokenizerFast.from_pretrained(root / "tokenizer_2")
+
+
+def load_params(path: Path, name: str, dtype) -> tuple[dict, Any]:
+    """(device params, config) for one component: a converted folder, a diffusers folder or a BFL file."""
+    from convert import ConversionError, convert_component, is_converted, load_component
+
+    if not path.exists():
+        raise PipelineError(f"{path}: missing {name}; is this a complete FLUX model folder?")
+    try:
+        params, cfg = load_component(path) if is_converted(path) else convert_component(name, path)
+    except ConversionError as e:
+        raise PipelineError(str(e)) from None
+    return jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype or p.dtype), params), cfg
+
+
+def _scheduler_shift(root: Path, cfg: FluxConfig) -> tuple[bool, float]:
+    """(dynamic shift?, static shift) from scheduler/scheduler_config.json; FLUX.1 defaults if absent."""
+    f = root / "scheduler" / "scheduler_config.json"
+    d = json.loads(f.read_text()) if f.is_file() else {}
+    dynamic = d.get("use_dynamic_shifting", cfg.guidance_embed)
+    return bool(dynamic), float(d.get("shift", 1.0))
+
+
+class FluxPipeline:
+    """Text-to-image. Components are Flax modules with their params as plain dicts."""
+
+    def __init__(self, transformer: tuple[dict, FluxConfig], text_encoder: tuple[dict, CLIPConfig],
+                 text_encoder_2: tuple[dict, T5Config], vae: tuple[dict, VAEConfig], tokenizer, tokenizer_2,
+                 dynamic_shift: bool = True, static_shift: float = 1.0, dtype=None,
+                 reload_text_encoders: Optional[Callable[[], tuple]] = None, name: str = "flux"):
+        (self.params, self.cfg), (self.clip_params, self.clip_cfg) = transformer, text_encoder
+        (self.t5_params, self.t5_cfg), (self.vae_params, self.vae_cfg) = text_encoder_2, vae
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.dynamic_shift, self.static_shift = dynamic_shift, static_shift
+        self.dtype = jax.tree_util.tree_leaves(self.params)[0].dtype if dtype is None else jnp.dtype(dtype)
+        self.reload_text_encoders = reload_text_encoders  # set when low_memory frees them after each use
+        self.name = name
+        self.transformer = Flux(self.cfg, self.dtype)
+        self.vae = AutoencoderKL(self.vae_cfg, self.dtype)
+        self._encode_clip = jax.jit(lambda p, ids: CLIPTextEncoder(self.clip_cfg, self.dtype).apply({"params": p}, ids)[1])
+        self._encode_t5 = jax.jit(lambda p, ids: T5Encoder(self.t5_cfg, self.dtype).apply({"params": p}, ids))
+        self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=AutoencoderKL.decode))
+        self._compiled: dict = {}
+        self._bar = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype=None, transformer: str | Path | None = None,
+                        low_memory: bool = False, **kw):
+        """Load a diffusers-layout FLUX folder or a converted one.
+
+        dtype: jnp dtype or name ('bf16', 'fp32'); default: as stored.
+        transformer: a BFL single file, a diffusers transformer/ folder or a converted one, used
+        instead of path/transformer. low_memory: free the text encoders before the transformer runs
+        (they are reloaded for the next call).
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise PipelineError(f"{root}: no such model folder; pass --model PATH or set FLUX_JAX_MODEL")
+        dtype = parse_dtype(dtype)
+        tokenizers = _load_tokenizers(root)
+        encoders = lambda: (load_params(root / "text_encoder", "text_encoder", dtype),
+                            load_params(root / "text_encoder_2", "text_encoder_2", dtype))
+        clip, t5 = encoders()
+        tr = load_params(Path(transformer) if transformer else root / "transformer", "transformer", dtype)
+        vae = load_params(root / "vae", "vae", dtype)
+        dynamic, static = _scheduler_shift(root, tr[1])
+        return cls(tr, clip, t5, vae, *tokenizers, dynamic_shift=dynamic, static_shift=static, dtype=dtype,
+                   reload_text_encoders=encoders if low_memory else None, name=root.name, **kw)
+
+    @property
+    def variant(self) -> str:
+        if self.cfg.in_channels > self.cfg.out_channels:
+            return "fill"
+        return "dev" if self.cfg.guidance_embed else "schnell"
+
+    # ------------------------------------------------------------------ text
+    def _tokenize(self, tokenizer, prompts: list[str], max_length: int) -> np.ndarray:
+        return np.asarray(tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                                    return_tensors="np")["input_ids"], np.int32)
+
+    def encode_prompt(self, prompt: Prompt, prompt_2: Optional[Prompt] = None, num_images_per_prompt: int = 1,
+                      max_sequence_length: int = 512) -> tuple[jax.Array, jax.Array]:
+        """(T5 states (B·N, L, 4096), pooled CLIP (B·N, 768)); prompt_2 (T5) defaults to prompt."""
+        prompts = _as_list(prompt, "prompt")
+        prompts_2 = _as_list(prompt_2, "prompt_2") or prompts
+        if len(prompts_2) != len(prompts):
+            raise PipelineError(f"prompt_2 has {len(prompts_2)} entries, prompt has {len(prompts)}")
+        if self.clip_params is None:
+            (self.clip_params, _), (self.t5_params, _) = self.reload_text_encoders()
+        y = self._encode_clip(self.clip_params, self._tokenize(self.tokenizer, prompts, CLIP_MAX_LENGTH))
+        txt = self._encode_t5(self.t5_params, self._tokenize(self.tokenizer_2, prompts_2, max_sequence_length))
+        repeat = lambda a: jnp.repeat(a.astype(self.dtype), num_images_per_prompt, axis=0)
+        return repeat(txt), repeat(y)
+
+    def free_text_encoders(self) -> None:
+        self.clip_params = self.t5_params = None
+
+    # ------------------------------------------------------------------ sizes and schedule
+    def check_size(self, height: int, width: int) -> tuple[int, int]:
+        for name, side in (("height", height), ("width", width)):
+            if not isinstance(side, (int, np.integer)) or side < PIXELS_PER_TOKEN or side > MAX_SIDE:
+                raise PipelineError(f"{name} must be an integer from {PIXELS_PER_TOKEN} to {MAX_SIDE} pixels, "
+                                    f"got {side!r}")
+        h, w = (int(s) // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN for s in (height, width))
+        if (h, w) != (height, width):
+            warnings.warn(f"height and width must be multiples of {PIXELS_PER_TOKEN}: using {h}x{w} instead of "
+                          f"{height}x{width} (as diffusers does)", stacklevel=3)
+        return h, w
+
+    def schedule(self, num_steps: Optional[int], image_seq_len: int, sigmas=None) -> np.ndarray:
+        if sigmas is None and (not isinstance(num_steps, (int, np.integer)) or num_steps < 1):
+            raise PipelineError(f"num_inference_steps must be an integer >= 1, got {num_steps!r}")
+        s = get_schedule(None if sigmas is not None else num_steps, image_seq_len, shift=self.dynamic_shift,
+                         sigmas=sigmas)
+        if not self.dynamic_shift and self.static_shift != 1.0:  # FlowMatchEulerDiscreteScheduler's static shift
+            k = np.float32(self.static_shift)
+            s = (k * s / (1 + (k - 1) * s)).astype(np.float32)
+        return s
+
+    # ------------------------------------------------------------------ denoising
+    def _advance(self, i) -> None:
+        """Host callback from inside the jitted loop, once per step."""
+        if self._bar is not None:
+            self._bar.update(int(i) + 1 - self._bar.n)
+
+    def _sampler(self, n_steps: int, true_cfg: bool):
+        """One jitted function: the whole Euler loop around the transformer (compiled once per shape)."""
+        model = self.transformer
+
+        def run(params, x, txt, y, guidance, sigmas, timesteps, pe, cfg_scale, cond, hook_args):
+            def velocity(x, t):
+                img = x.astype(self.dtype)
+                if true_cfg:  # positive and negative branches in one batched forward
+                    img, t = jnp.concatenate([img, img]), jnp.concatenate([t, t])
+                kw = {} if cond is None else cond
+                v = model.apply({"params": params}, img, None, txt, None, t, y, guidance, pe=pe, **kw)
+                if true_cfg:
+                    v_pos, v_neg = jnp.split(v.astype(jnp.float32), 2)
+                    return cfg_velocity(v_pos, v_neg, cfg_scale)
+                return v
+
+            hook = None if hook_args is None else (lambda i, x: self.step_hook(i, x, sigmas, hook_args))
+            return denoise(velocity, x, sigmas, timesteps, progress=self._advance, step_hook=hook)
+
+        return jax.jit(run)
+
+    def step_hook(self, i, x, sigmas, hook_args):  # overridden by the inpainting pipeline
+        return x
+
+    def denoise_latents(self, latents: jax.Array, txt: jax.Array, y: jax.Array, sigmas: np.ndarray,
+                        guidance_scale: float, img_ids: np.ndarray, true_cfg_scale: float = 1.0,
+                        neg: Optional[tuple[jax.Array, jax.Array]] = None, cond: Optional[dict] = None,
+                        cond_ids: Optional[np.ndarray] = None, hook_args: Any = None,
+                        progress: bool = True) -> tuple[jax.Array, dict]:
+        """Run the jitted sampler; returns (final latents float32, {'compile': s, 'sample': s})."""
+        b = latents.shape[0]
+        true_cfg = neg is not None
+        if true_cfg:
+            txt, y = jnp.concatenate([txt, neg[0]]), jnp.concatenate([y, neg[1]])
+        n = txt.shape[0]
+        guidance = jnp.full((n,), guidance_scale, jnp.float32) if self.cfg.guidance_embed else None
+        ids = [text_ids(txt.shape[1]), img_ids] + ([cond_ids] if cond_ids is not None else [])
+        pe = rope(jnp.asarray(np.concatenate(ids))[None].repeat(n, 0), self.cfg.axes_dim, self.cfg.theta)
+        if cond is not None and true_cfg:
+            cond = {k: (jnp.concatenate([v, v]) if hasattr(v, "shape") else v) for k, v in cond.items()}
+        n_steps = len(sigmas) - 1
+        args = (self.params, jnp.asarray(latents, jnp.float32), txt, y, guidance, jnp.asarray(sigmas),
+                jnp.asarray(model_timesteps(sigmas, self.dtype)), pe, jnp.float32(true_cfg_scale), cond, hook_args)
+        # One executable per step count, branch structure and input shapes; compile timed apart.
+        key = str((n_steps, true_cfg, jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), args[1:])))
+        timings = {"compile": 0.0}
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[key] = self._sampler(n_steps, true_cfg).lower(*args).compile()
+            timings["compile"] = time.perf_counter() - t0
+        self._bar = tqdm(total=n_steps, desc="denoising", disable=not progress)
+        try:
+            t0 = time.perf_counter()
+            out = self._compiled[key](*args)
+            out.block_until_ready()
+            timings["sample"] = time.perf_counter() - t0
+        finally:
+            self._bar.close()
+            self._bar = None
+        return out, timings
+
+    # ------------------------------------------------------------------ the call
+    def __call__(self, prompt: Prompt, prompt_2: Optional[Prompt] = None, negative_prompt: Optional[Prompt] = None,
+                 negative_prompt_2: Optional[Prompt] = None, true_cfg_scale: float = 1.0,
+                 height: Optional[int] = None, width: Optional[int] = None, num_inference_steps: Optional[int] = None,
+                 sigmas: Optional[Sequence[float]] = None, guidance_scale: Optional[float] = None,
+                 num_images_per_prompt: int = 1, seed: Optional[int] = None, latents=None,
+                 max_sequence_length: Optional[int] = None, output_type: str = "pil",
+                 progress: bool = True) -> FluxPipelineOutput:
+        d = DEFAULTS[self.variant]
+        height, width = self.check_size(height or d["height"], width or d["width"])
+        steps = num_inference_steps if num_inference_steps is not None else (
+            len(sigmas) if sigmas is not None else d["num_inference_steps"])
+        guidance_scale = d["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+        max_len = self.check_max_sequence_length(max_sequence_length or d["max_sequence_length"])
+        if output_type not in OUTPUT_TYPES:
+            raise PipelineError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise PipelineError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        h_tok, w_tok = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+        sigma_schedule = self.schedule(steps, h_tok * w_tok, sigmas)
+
+        timings = {}
+        t0 = time.perf_counter()
+        txt, y = self.encode_prompt(prompt, prompt_2, num_images_per_prompt, max_len)
+        neg = None
+        if true_cfg_scale > 1 and negative_prompt is not None:
+            neg_list = _as_list(negative_prompt, "negative_prompt")
+            if len(neg_list) == 1 and txt.shape[0] > num_images_per_prompt:
+                neg_list = neg_list * (txt.shape[0] // num_images_per_prompt)
+            neg = self.encode_prompt(neg_list, negative_prompt_2, num_images_per_prompt, max_len)
+        if self.reload_text_encoders is not None:
+            self.free_text_encoders()
+        timings["encode"] = time.perf_counter() - t0
+
+        x = self.initial_latents(latents, txt.shape[0], h_tok * w_tok, seed)
+        out, t = self.denoise_latents(x, txt, y, sigma_schedule, guidance_scale, image_ids(h_tok, w_tok),
+                                      true_cfg_scale, neg, progress=progress)
+        timings.update(t)
+        return self.finish(out, height, width, output_type, timings)
+
+    def check_max_sequence_length(self, n: int) -> int:
+        limit = SCHNELL_MAX_SEQUENCE if self.variant == "schnell" else 512
+        if not isinstance(n, int) or not 1 <= n <= limit:
+            raise PipelineError(f"max_sequence_length must be an integer from 1 to {limit}, got {n!r}")
+        return n
+
+    def initial_latents(self, latents, batch: int, seq_len: int, seed: Optional[int]) -> jax.Array:
+        """The packed initial noise: the user's (as diffusers takes it), or drawn from `seed`."""
+        channels = self.cfg.out_channels
+        if latents is not None:
+            latents = jnp.asarray(np.asarray(latents), jnp.float32)
+            if latents.shape != (batch, seq_len, channels):
+                raise PipelineError(f"latents must be packed noise of shape {(batch, seq_len, channels)}, "
+                                    f"got {latents.shape}")
+            return latents
+        key = jax.random.PRNGKey(np.random.SeedSequence().entropy % 2**31 if seed is None else seed)
+        return jax.random.normal(key, (batch, seq_len, channels), jnp.float32)
+
+    def decode(self, latents: jax.Array, height: int, width: int) -> np.ndarray:
+        """Packed latents -> float32 (B, H, W, 3) images in [0, 1]."""
+        z = unscale_latents(unpack(latents, height, width), self.vae_cfg).astype(self.dtype)
+        img = self._decode(self.vae_params, z).astype(jnp.float32)
+        return np.asarray(jnp.clip(img / 2 + 0.5, 0, 1))
+
+    def finish(self, latents: jax.Array, height: int, width: int, output_type: str, timings: dict):
+        if output_type == "latent":
+            return FluxPipelineOutput(np.asarray(latents), timings)
+        t0 = time.perf_counter()
+        images = self.decode(latents, height, width)
+        timings["decode"] = time.perf_counter() - t0
+        if output_type == "np":
+            return FluxPipelineOutput(images, timings)
+        from PIL import Image
+        return FluxPipelineOutput([Image.fromarray((im * 255).round().astype(np.uint8)) for im in images], timings)
