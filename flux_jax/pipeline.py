@@ -68,17 +68,26 @@ def _load_tokenizers(root: Path):
     return CLIPTokenizer.from_pretrained(root / "tokenizer"), T5TokenizerFast.from_pretrained(root / "tokenizer_2")
 
 
-def load_params(path: Path, name: str, dtype) -> tuple[dict, Any]:
+def load_params(path: Path, name: str, dtype, **kw) -> tuple[dict, Any]:
     """(device params, config) for one component: a converted folder, a diffusers folder or a BFL file."""
     from convert import ConversionError, convert_component, is_converted, load_component
 
     if not path.exists():
         raise PipelineError(f"{path}: missing {name}; is this a complete FLUX model folder?")
     try:
-        params, cfg = load_component(path) if is_converted(path) else convert_component(name, path)
+        params, cfg = load_component(path) if is_converted(path) else convert_component(name, path, **kw)
     except ConversionError as e:
         raise PipelineError(str(e)) from None
     return jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype or p.dtype), params), cfg
+
+
+def _bfl_axes(root: Path, transformer) -> dict:
+    """A BFL file carries no config: take RoPE axes from the folder's transformer config if there is one."""
+    f = root / "transformer" / "config.json"
+    if not Path(transformer).is_file() or not f.is_file():
+        return {}
+    axes = json.loads(f.read_text()).get("axes_dims_rope")
+    return {"axes_dim": tuple(axes)} if axes else {}
 
 
 def _scheduler_shift(root: Path, cfg: FluxConfig) -> tuple[bool, float]:
@@ -130,7 +139,8 @@ class FluxPipeline:
         encoders = lambda: (load_params(root / "text_encoder", "text_encoder", dtype),
                             load_params(root / "text_encoder_2", "text_encoder_2", dtype))
         clip, t5 = encoders()
-        tr = load_params(Path(transformer) if transformer else root / "transformer", "transformer", dtype)
+        tr = load_params(Path(transformer), "transformer", dtype, **_bfl_axes(root, transformer)) if transformer \
+            else load_params(root / "transformer", "transformer", dtype)
         vae = load_params(root / "vae", "vae", dtype)
         dynamic, static = _scheduler_shift(root, tr[1])
         return cls(tr, clip, t5, vae, *tokenizers, dynamic_shift=dynamic, static_shift=static, dtype=dtype,
@@ -262,17 +272,22 @@ class FluxPipeline:
                  max_sequence_length: Optional[int] = None, output_type: str = "pil",
                  progress: bool = True) -> FluxPipelineOutput:
         d = DEFAULTS[self.variant]
-        height, width = self.check_size(height or d["height"], width or d["width"])
+        height, width = self.check_size(d["height"] if height is None else height,
+                                        d["width"] if width is None else width)
         steps = num_inference_steps if num_inference_steps is not None else (
             len(sigmas) if sigmas is not None else d["num_inference_steps"])
         guidance_scale = d["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-        max_len = self.check_max_sequence_length(max_sequence_length or d["max_sequence_length"])
+        max_len = self.check_max_sequence_length(
+            d["max_sequence_length"] if max_sequence_length is None else max_sequence_length)
         if output_type not in OUTPUT_TYPES:
             raise PipelineError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise PipelineError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         h_tok, w_tok = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
         sigma_schedule = self.schedule(steps, h_tok * w_tok, sigmas)
+
+        batch = len(_as_list(prompt, "prompt")) * num_images_per_prompt
+        x = self.initial_latents(latents, batch, h_tok * w_tok, seed)  # checked before any heavy work
 
         timings = {}
         t0 = time.perf_counter()
@@ -287,11 +302,43 @@ class FluxPipeline:
             self.free_text_encoders()
         timings["encode"] = time.perf_counter() - t0
 
-        x = self.initial_latents(latents, txt.shape[0], h_tok * w_tok, seed)
         out, t = self.denoise_latents(x, txt, y, sigma_schedule, guidance_scale, image_ids(h_tok, w_tok),
                                       true_cfg_scale, neg, progress=progress)
         timings.update(t)
         return self.finish(out, height, width, output_type, timings)
+
+    # ------------------------------------------------------------------ shared by the editing pipelines
+    def call_settings(self, num_inference_steps: Optional[int], sigmas, guidance_scale: Optional[float],
+                      max_sequence_length: Optional[int], output_type: str,
+                      num_images_per_prompt: int) -> tuple[int, float, int]:
+        """(steps, guidance, max_sequence_length): the user's keywords or the variant's defaults, checked."""
+        d = DEFAULTS[self.variant]
+        steps = num_inference_steps if num_inference_steps is not None else (
+            len(sigmas) if sigmas is not None else d["num_inference_steps"])
+        guidance_scale = d["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+        max_len = self.check_max_sequence_length(
+            d["max_sequence_length"] if max_sequence_length is None else max_sequence_length)
+        if output_type not in OUTPUT_TYPES:
+            raise PipelineError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise PipelineError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        return steps, guidance_scale, max_len
+
+    def encode_prompts(self, prompt: Prompt, prompt_2: Optional[Prompt], negative_prompt: Optional[Prompt],
+                       negative_prompt_2: Optional[Prompt], true_cfg_scale: float, num_images_per_prompt: int,
+                       max_len: int) -> tuple[jax.Array, jax.Array, Optional[tuple[jax.Array, jax.Array]], float]:
+        """(txt, y, negative (txt, y) or None, seconds): both prompts encoded, text encoders freed if low_memory."""
+        t0 = time.perf_counter()
+        txt, y = self.encode_prompt(prompt, prompt_2, num_images_per_prompt, max_len)
+        neg = None
+        if true_cfg_scale > 1 and negative_prompt is not None:
+            neg_list = _as_list(negative_prompt, "negative_prompt")
+            if len(neg_list) == 1 and txt.shape[0] > num_images_per_prompt:
+                neg_list = neg_list * (txt.shape[0] // num_images_per_prompt)
+            neg = self.encode_prompt(neg_list, negative_prompt_2, num_images_per_prompt, max_len)
+        if self.reload_text_encoders is not None:
+            self.free_text_encoders()
+        return txt, y, neg, time.perf_counter() - t0
 
     def check_max_sequence_length(self, n: int) -> int:
         limit = SCHNELL_MAX_SEQUENCE if self.variant == "schnell" else 512
