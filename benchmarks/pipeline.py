@@ -1,0 +1,85 @@
+"""Whole text-to-image pipeline: flux-jax vs diffusers on the same checkpoint, in one run.
+
+    python benchmarks/pipeline.py                         # random tiny diffusers-layout folder, CPU
+    python benchmarks/pipeline.py --model /path/FLUX.1-dev --size 1024 --steps 28 --dtype bf16   # real weights
+
+JAX's first call (tracing + XLA compilation) is reported apart; the table compares warm calls:
+median seconds per image over --repeats, both pipelines from the same packed initial noise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="diffusers-layout FLUX folder; default: a random tiny one built here")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    import torch
+    from diffusers import FluxPipeline as TorchFluxPipeline
+
+    from flux_jax import FluxPipeline
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        folder = Path(args.model)
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from pipeline_fixtures import make_flux_folder
+        folder = make_flux_folder(Path(tempfile.mkdtemp()) / "flux-tiny", "dev")
+    tdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = TorchFluxPipeline.from_pretrained(folder, torch_dtype=tdtype).to(device)
+    ref.set_progress_bar_config(disable=True)
+    ours = FluxPipeline.from_pretrained(folder, dtype=args.dtype)
+
+    n_tok = (args.size // 16) ** 2
+    latents = torch.randn(1, n_tok, 64, generator=torch.Generator().manual_seed(0))
+    kw = dict(prompt="a red fox in the snow", height=args.size, width=args.size, num_inference_steps=args.steps,
+              output_type="np")
+
+    t0 = time.perf_counter()
+    first = ours(latents=latents.numpy(), progress=False, **kw)
+    t_first = time.perf_counter() - t0
+    t_jax, out = timed(lambda: ours(latents=latents.numpy(), progress=False, **kw), args.repeats)
+    t_torch, want = timed(lambda: ref(latents=latents.to(device, tdtype), **kw).images, args.repeats)
+    diff = float(np.abs(out.images - want).max())
+
+    print(f"model: {folder.name}, {args.size}x{args.size}, {args.steps} steps, {args.dtype}")
+    print(f"jax first call {t_first:.2f} s: compile {first.timings['compile']:.2f} s "
+          f"(text encoders and VAE compile inside 'encode'/'decode' on the first call)")
+    print()
+    print(f"{'pipeline':>10} {'s/image':>9} {'encode':>8} {'sample':>8} {'decode':>8}")
+    print(f"{'diffusers':>10} {t_torch:>9.3f} {'':>8} {'':>8} {'':>8}")
+    t = out.timings
+    print(f"{'flux-jax':>10} {t_jax:>9.3f} {t['encode']:>8.3f} {t['sample']:>8.3f} {t['decode']:>8.3f}")
+    print(f"jax/torch {t_jax / t_torch:.2f}; max |image difference| {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
