@@ -274,33 +274,17 @@ class FluxPipeline:
         d = DEFAULTS[self.variant]
         height, width = self.check_size(d["height"] if height is None else height,
                                         d["width"] if width is None else width)
-        steps = num_inference_steps if num_inference_steps is not None else (
-            len(sigmas) if sigmas is not None else d["num_inference_steps"])
-        guidance_scale = d["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-        max_len = self.check_max_sequence_length(
-            d["max_sequence_length"] if max_sequence_length is None else max_sequence_length)
-        if output_type not in OUTPUT_TYPES:
-            raise PipelineError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise PipelineError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        steps, guidance_scale, max_len = self.call_settings(num_inference_steps, sigmas, guidance_scale,
+                                                            max_sequence_length, output_type, num_images_per_prompt)
         h_tok, w_tok = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
         sigma_schedule = self.schedule(steps, h_tok * w_tok, sigmas)
 
         batch = len(_as_list(prompt, "prompt")) * num_images_per_prompt
         x = self.initial_latents(latents, batch, h_tok * w_tok, seed)  # checked before any heavy work
 
-        timings = {}
-        t0 = time.perf_counter()
-        txt, y = self.encode_prompt(prompt, prompt_2, num_images_per_prompt, max_len)
-        neg = None
-        if true_cfg_scale > 1 and negative_prompt is not None:
-            neg_list = _as_list(negative_prompt, "negative_prompt")
-            if len(neg_list) == 1 and txt.shape[0] > num_images_per_prompt:
-                neg_list = neg_list * (txt.shape[0] // num_images_per_prompt)
-            neg = self.encode_prompt(neg_list, negative_prompt_2, num_images_per_prompt, max_len)
-        if self.reload_text_encoders is not None:
-            self.free_text_encoders()
-        timings["encode"] = time.perf_counter() - t0
+        txt, y, neg, t_encode = self.encode_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2,
+                                                    true_cfg_scale, num_images_per_prompt, max_len)
+        timings = {"encode": t_encode}
 
         out, t = self.denoise_latents(x, txt, y, sigma_schedule, guidance_scale, image_ids(h_tok, w_tok),
                                       true_cfg_scale, neg, progress=progress)

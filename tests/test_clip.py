@@ -16,10 +16,10 @@ from convert.core import ConversionError, load_checkpoint, save_checkpoint
 from convert.text_encoders import CLIP_PREFIX, convert_clip, convert_t5
 from flux_jax.clip import LEGACY_EOS_ID, CLIPTextEncoder
 from flux_jax.config import CLIPConfig
+from torch_ref import perturb_constants_, rel_err
 
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
-NOISE = 0.02  # std of the noise that constant-initialized params (norm scales, biases) get
 WEIGHTS = "model.safetensors"
 TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
             num_attention_heads=4, max_position_embeddings=16)
@@ -27,28 +27,11 @@ TINY_EOS = 99  # legacy configs: end-of-text is the largest id of the vocabulary
 NEW_EOS = 7  # a non-legacy eos id below most token ids, so "largest id" would pool elsewhere
 
 
-def perturb(model: torch.nn.Module) -> None:
-    """Randomize the params torch initializes to a constant (norm scales 1, biases 0), so each matters.
-
-    Randomly initialized ones keep their init scale: adding a fixed 0.02 to full-width T5's
-    q and k would make its attention near one-hot and needlessly ill-conditioned.
-    """
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.all(p == p.flatten()[0]):
-                p.add_(NOISE * torch.randn_like(p))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def make_clip(folder, eos_token_id: int, seed: int = 0, **sizes) -> CLIPTextModel:
     """A random, perturbed CLIPTextModel saved to `folder` (safetensors)."""
     torch.manual_seed(seed)
     model = CLIPTextModel(CLIPTextConfig(**sizes, eos_token_id=eos_token_id, bos_token_id=0, pad_token_id=1)).eval()
-    perturb(model)
+    perturb_constants_(model)
     model.save_pretrained(folder)
     return model
 

@@ -18,10 +18,10 @@ from convert.core import ConversionError, load_checkpoint, save_checkpoint
 from convert.text_encoders import T5_EMBEDS, convert_t5
 from flux_jax.config import T5Config
 from flux_jax.t5 import T5Encoder, relative_position_buckets
+from torch_ref import perturb_constants_, rel_err
 
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
-NOISE = 0.02  # std of the noise that constant-initialized params (norm scales, biases) get
 PAD_ID = 0
 TINY = dict(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=3)
 TINY_SHARD = "8KB"  # forces a sharded checkpoint with an index json
@@ -29,28 +29,11 @@ TINY_SHARD = "8KB"  # forces a sharded checkpoint with an index json
 TINY_LENGTH = 160
 
 
-def perturb(model: torch.nn.Module) -> None:
-    """Randomize the params torch initializes to a constant (norm scales 1, biases 0), so each matters.
-
-    Randomly initialized ones keep their init scale: adding a fixed 0.02 to full-width T5's
-    q and k would make its attention near one-hot and needlessly ill-conditioned.
-    """
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.all(p == p.flatten()[0]):
-                p.add_(NOISE * torch.randn_like(p))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def make_t5(folder, seed: int = 0, shard: str = TINY_SHARD, **sizes) -> T5EncoderModel:
     """A random, perturbed v1.1 T5EncoderModel saved to `folder`, sharded."""
     torch.manual_seed(seed)
     model = T5EncoderModel(HFT5Config(**sizes, feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
-    perturb(model)
+    perturb_constants_(model)
     model.save_pretrained(folder, max_shard_size=shard)
     assert list(folder.glob("*.safetensors.index.json")), "expected a sharded checkpoint"
     return model

@@ -24,6 +24,20 @@ def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch
     return module
 
 
+@torch.no_grad()
+def perturb_constants_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Randomize only params torch initializes to a constant (norm scales 1, biases 0), so each matters.
+
+    Randomly initialized ones keep their init scale: adding a fixed 0.02 to full-width T5's q and k
+    would make its attention near one-hot and needlessly ill-conditioned.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        if torch.all(p == p.flatten()[0]):
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return module
+
+
 def diffusers_transformer(cfg: FluxConfig, seed: int = 0):
     """A random-weight diffusers FluxTransformer2DModel with the architecture of `cfg`."""
     from diffusers import FluxTransformer2DModel
