@@ -28,6 +28,7 @@ from .sampling import cfg_velocity, denoise, get_schedule, image_ids, model_time
 from .t5 import T5Encoder
 
 CLIP_MAX_LENGTH = 77
+MAX_SEED = 2**32
 MAX_SIDE = 4096  # pixels; beyond this attention over (side/16)² tokens is far outside what FLUX was trained on
 OUTPUT_TYPES = ("pil", "np", "latent")
 # Defaults by variant (as BFL/diffusers recommend); None of the user's keywords means "use these".
@@ -339,7 +340,10 @@ class FluxPipeline:
                 raise PipelineError(f"latents must be packed noise of shape {(batch, seq_len, channels)}, "
                                     f"got {latents.shape}")
             return latents
-        key = jax.random.PRNGKey(np.random.SeedSequence().entropy % 2**31 if seed is None else seed)
+        if seed is not None and not (isinstance(seed, (int, np.integer)) and 0 <= seed < MAX_SEED):
+            # without x64, larger seeds would silently wrap onto others
+            raise PipelineError(f"seed must be an integer from 0 to {MAX_SEED - 1}, got {seed!r}")
+        key = jax.random.PRNGKey(np.random.SeedSequence().entropy % MAX_SEED if seed is None else seed)
         return jax.random.normal(key, (batch, seq_len, channels), jnp.float32)
 
     def decode(self, latents: jax.Array, height: int, width: int) -> np.ndarray:

@@ -1,0 +1,333 @@
+"""python -m flux_jax.sample: FLUX.1 text-to-image from the command line.
+
+    python -m flux_jax.sample --prompt "a red fox in the snow" --out fox.png
+    python -m flux_jax.sample --demo --prompt "anything" --out demo/   # tiny random model: noise
+
+Bad input (a missing model piece, a corrupt weights file, impossible sizes...) gets one
+`error: ...` line on stderr and exit code 2, and no output file. Cheap checks run before the
+model loads, so a typo costs no loading time. Written files go to stdout, one a line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from .config import PIXELS_PER_TOKEN, parse_dtype
+from .pipeline import DEFAULTS, MAX_SIDE, FluxPipeline, PipelineError
+
+EXIT_BAD_INPUT = 2
+MODEL_ENV = "FLUX_JAX_MODEL"
+HF_REPO = "black-forest-labs/FLUX.1-dev"  # the default model, if the Hugging Face cache holds it
+MODEL_PARTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "transformer")
+MAX_SEED = 2**32 - 1  # JAX keys keep 32 bits of the seed without x64: larger seeds would collide
+DEMO_DEFAULTS = dict(height=256, width=256, num_inference_steps=4)  # seconds on a CPU, not minutes
+FILE_PATTERN = "flux_{seed}_{index}.png"  # image names when --out is a folder
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}  # --out names refused: PNG only
+
+
+class BadInput(Exception):
+    """Reported as one `error:` line and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error and exits; we want one line and a return code
+        raise BadInput(message)
+
+
+# ---------------------------------------------------------------- arguments
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m flux_jax.sample", description="Generate images with FLUX.1 in JAX.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="PATH",
+                     help=f"FLUX.1 folder (diffusers layout or converted by `python -m convert`); "
+                          f"default: ${MODEL_ENV}, else {HF_REPO} from the Hugging Face cache")
+    src.add_argument("--demo", action="store_true",
+                     help="tiny random-weight model built in-process (no download): its pictures are random noise")
+    p.add_argument("--transformer", metavar="PATH",
+                   help="transformer weights to use instead of the model's: a BFL .safetensors file, "
+                        "a diffusers transformer/ folder or a converted one")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="text prompt; repeat for several")
+    p.add_argument("--prompt-file", metavar="FILE", help="file with one prompt per non-empty line")
+    p.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt (needs --true-cfg above 1)")
+    p.add_argument("--true-cfg", type=float, default=1.0, metavar="SCALE",
+                   help="true classifier-free guidance scale (default 1: off)")
+    p.add_argument("--height", type=int, metavar="PX", help="pixels, a multiple of 16 (default 1024; demo 256)")
+    p.add_argument("--width", type=int, metavar="PX", help="pixels, a multiple of 16 (default 1024; demo 256)")
+    p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: dev 28, schnell 4; demo 4)")
+    p.add_argument("--guidance", type=float, metavar="SCALE", help="guidance scale (default: dev 3.5; schnell: none)")
+    p.add_argument("--seed", type=int, metavar="N", help="random seed (default: random; printed and stored in the PNG)")
+    p.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
+    p.add_argument("--out", default=".", metavar="PATH",
+                   help=f"a .png file (several images: NAME_0.png, NAME_1.png...) or a folder (files {FILE_PATTERN}); "
+                        "existing files are replaced (default: the current folder)")
+    p.add_argument("--dtype", metavar="NAME", help="bf16, fp16 or fp32 (default: bf16 on GPU/TPU, fp32 on CPU)")
+    p.add_argument("--low-memory", action="store_true", help="free the text encoders while the transformer runs")
+    add_mode_arguments(p)
+    return p
+
+
+# ---------------------------------------------------------------- image modes (extension point)
+
+@dataclasses.dataclass
+class Mode:
+    """What to run: the pipeline class, extra __call__ keywords, extra PNG metadata, the demo variant to build."""
+    pipeline: type = FluxPipeline
+    call_kwargs: dict = dataclasses.field(default_factory=dict)
+    metadata: dict = dataclasses.field(default_factory=dict)
+    demo_variant: str = "dev"
+
+
+def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    """Image-conditioned modes (--image, --mask, --strength, --mode: Kontext, img2img, inpaint, Fill) go here."""
+
+
+def select_mode(args: argparse.Namespace) -> Mode:
+    """The Mode the arguments ask for; raise BadInput for bad mode inputs.
+
+    Runs before the model loads, so read and check input images here. Keywords in call_kwargs
+    override the text-to-image ones (e.g. height=None to take the input image's size).
+    Text-to-image only for now.
+    """
+    return Mode()
+
+
+# ---------------------------------------------------------------- checks before loading
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if any(not p.strip() for p in prompts):
+        raise BadInput("--prompt is empty")
+    if args.prompt_file:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise BadInput(f"--prompt-file {args.prompt_file} has no prompts (one per non-empty line)")
+        prompts += lines
+    if not prompts:
+        raise BadInput("no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE")
+    return prompts
+
+
+def check_options(args: argparse.Namespace) -> None:
+    for name in ("height", "width"):
+        side = getattr(args, name)
+        if side is not None and not PIXELS_PER_TOKEN <= side <= MAX_SIDE:
+            raise BadInput(f"--{name} must be from {PIXELS_PER_TOKEN} to {MAX_SIDE} pixels, got {side}")
+    if args.steps is not None and args.steps < 1:
+        raise BadInput(f"--steps must be at least 1, got {args.steps}")
+    if args.num_images < 1:
+        raise BadInput(f"--num-images must be at least 1, got {args.num_images}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise BadInput(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
+    if args.negative_prompt is not None and args.true_cfg <= 1:
+        raise BadInput("--negative-prompt is used only with --true-cfg above 1 (e.g. --true-cfg 4)")
+    if args.true_cfg > 1 and args.negative_prompt is None:
+        raise BadInput("--true-cfg above 1 needs --negative-prompt")
+    if args.demo and args.transformer:
+        raise BadInput("--transformer cannot be used with --demo")
+
+
+def check_out(out: str) -> Path:
+    """The output path, checked: a .png file, or a folder (made when the first image is written)."""
+    path = Path(out)
+    suffix = "" if path.is_dir() else path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        raise BadInput(f"--out {out}: only PNG is written; use a .png name or a folder")
+    if suffix != ".png" and path.exists() and not path.is_dir():
+        raise BadInput(f"--out {out} exists and is not a folder")
+    folder = path.parent if suffix == ".png" else path
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise BadInput(f"--out {out}: cannot write into {existing}")
+    return path
+
+
+def check_dtype(name: Optional[str]):
+    try:
+        return parse_dtype(name) if name else default_dtype()
+    except ValueError as e:
+        raise BadInput(f"--dtype: {e}") from None
+
+
+def default_dtype():
+    import jax
+    return parse_dtype("fp32" if jax.default_backend() == "cpu" else "bf16")
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, found as huggingface_hub finds it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def cached_snapshot(repo: str = HF_REPO) -> Optional[Path]:
+    """The cache snapshot of `repo` that `refs/main` names, else the newest; None if it is not cached."""
+    root = hf_hub_cache() / ("models--" + repo.replace("/", "--"))
+    ref = root / "refs" / "main"
+    if ref.is_file():
+        named = root / "snapshots" / ref.read_text().strip()
+        if named.is_dir():
+            return named
+    snapshots = [p for p in (root / "snapshots").glob("*") if p.is_dir()]
+    return max(snapshots, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def resolve_model(args: argparse.Namespace) -> Path:
+    """The model folder to load, checked for every piece the pipeline needs."""
+    model = args.model or os.environ.get(MODEL_ENV) or cached_snapshot()
+    if model is None:
+        raise BadInput(f"no model: pass --model PATH, set {MODEL_ENV}, download {HF_REPO} "
+                       f"(huggingface-cli download {HF_REPO}), or try --demo")
+    root = Path(model)
+    if not root.is_dir():
+        raise BadInput(f"{root}: no such model folder")
+    needed = [n for n in MODEL_PARTS if not (n == "transformer" and args.transformer)]
+    missing = [f"{n}/" for n in needed if not (root / n).is_dir()]
+    if missing:
+        raise BadInput(f"{root}: incomplete model folder: missing {', '.join(missing)}")
+    if args.transformer and not Path(args.transformer).exists():
+        raise BadInput(f"--transformer {args.transformer}: no such file or folder")
+    return root
+
+
+def model_label(root: Path, transformer: Optional[str]) -> str:
+    """A short name for the PNG metadata: the hub repo for a cache snapshot, else the folder's name."""
+    repo = root.parent.parent.name
+    label = repo[len("models--"):].replace("--", "/") if repo.startswith("models--") else root.name
+    return f"{label} + {Path(transformer).name}" if transformer else label
+
+
+# ---------------------------------------------------------------- loading, generating, writing
+
+def load_pipeline(args, root: Optional[Path], mode: Mode, dtype) -> tuple[FluxPipeline, str]:
+    """(pipeline, model label) of the model folder `root`, or the demo model; bad model files are bad input."""
+    if root is None:
+        from .demo import NOISE_NOTICE, make_demo_pipeline
+        print(f"note: {NOISE_NOTICE}", file=sys.stderr)
+        return make_demo_pipeline(mode.demo_variant, cls=mode.pipeline, dtype=dtype), "demo (random weights)"
+    print(f"loading {root}", file=sys.stderr)
+    try:
+        pipe = mode.pipeline.from_pretrained(root, dtype=dtype, transformer=args.transformer,
+                                             low_memory=args.low_memory)
+    except PipelineError as e:
+        raise BadInput(str(e)) from None
+    except Exception as e:  # corrupt files surface as many types (safetensors, orbax, json, tokenizers)
+        raise BadInput(f"cannot load the model from {root}: {type(e).__name__}: {e}") from None
+    return pipe, model_label(root, args.transformer)
+
+
+def call_kwargs(args, mode: Mode) -> dict:
+    """The pipeline's __call__ keywords; None leaves a value to the pipeline's defaults for its variant."""
+    kw = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+              negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg,
+              num_images_per_prompt=args.num_images)
+    if args.demo:
+        kw.update({k: v for k, v in DEMO_DEFAULTS.items() if kw[k] is None})
+    return {**kw, **mode.call_kwargs}
+
+
+def output_paths(out: Path, seed: int, n: int) -> list[Path]:
+    if out.suffix.lower() == ".png" and not out.is_dir():
+        return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
+    return [out / FILE_PATTERN.format(seed=seed, index=i) for i in range(n)]
+
+
+def save_png(image, path: Path, info: dict) -> None:
+    """Write `image` with `info` as PNG text chunks; atomically, so no half-written file is ever seen."""
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    for key, value in info.items():
+        meta.add_text(key, str(value))  # non-Latin-1 text goes to an iTXt chunk
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def generate(args, prompts: list[str], out: Path, root: Optional[Path], mode: Mode, dtype) -> None:
+    """Load the model (the demo one if `root` is None), run every prompt, write the PNGs, print timings."""
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    paths = iter(output_paths(out, seed, len(prompts) * args.num_images))
+    print(f"seed: {seed}", file=sys.stderr)
+    t0 = time.perf_counter()
+    pipe, label = load_pipeline(args, root, mode, dtype)
+    load_s = time.perf_counter() - t0
+
+    kw = call_kwargs(args, mode)
+    defaults = DEFAULTS[pipe.variant]
+    steps = kw["num_inference_steps"] or defaults["num_inference_steps"]
+    guidance = defaults["guidance_scale"] if kw["guidance_scale"] is None else kw["guidance_scale"]
+    extra = dict(negative_prompt=args.negative_prompt, true_cfg=args.true_cfg) if args.negative_prompt else {}
+    totals: dict[str, float] = {}
+    for prompt in prompts:
+        try:
+            result = pipe(prompt, seed=seed, **kw)
+        except PipelineError as e:
+            raise BadInput(str(e)) from None
+        for key, value in result.timings.items():
+            totals[key] = totals.get(key, 0.0) + value
+        for j, image in enumerate(result.images):
+            # seed, index and num_images reproduce an image: each prompt's batch starts from the seed.
+            info = dict(prompt=prompt, seed=seed, steps=steps, guidance=guidance, size="%dx%d" % image.size,
+                        model=label, index=j, num_images=args.num_images, software="flux-jax",
+                        **extra, **mode.metadata)
+            path = next(paths)
+            save_png(image, path, info)
+            print(path)
+    t = lambda key: totals.get(key, 0.0)
+    print(f"compile {t('compile'):.1f} s, sampling {t('sample'):.1f} s (load {load_s:.1f} s, "
+          f"text encoding {t('encode'):.1f} s, decoding {t('decode'):.1f} s)", file=sys.stderr)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _one_line(message) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(message)).strip()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # also resets which warnings were already shown
+            warnings.showwarning = _one_line_warning
+            args = build_parser().parse_args(argv)
+            # Everything cheap is checked before the model loads.
+            prompts = read_prompts(args)
+            check_options(args)
+            out = check_out(args.out)
+            mode = select_mode(args)
+            root = None if args.demo else resolve_model(args)
+            generate(args, prompts, out, root, mode, check_dtype(args.dtype))
+    except BadInput as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
