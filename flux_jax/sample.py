@@ -259,6 +259,9 @@ def save_png(image, path: Path, info: dict) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a picture should get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
