@@ -8,7 +8,6 @@ images become RGB, masks greyscale (L). Resizing uses Lanczos, VaeImageProcessor
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import Union
@@ -18,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .autoencoder import AutoencoderKL, scale_latents
+from .autoencoder import scale_latents
 from .config import PIXELS_PER_TOKEN
-from .pipeline import MAX_SIDE, PipelineError
+from .pipeline import MAX_SIDE, PipelineError, jit_apply
 from .sampling import pack
 
 RESAMPLE = Image.Resampling.LANCZOS  # VaeImageProcessor(resample="lanczos")
@@ -97,16 +96,11 @@ def prepare_mask(mask: Image.Image, height: int, width: int, image_size: tuple[i
     return (m >= MASK_THRESHOLD).astype(np.float32)[None]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(vae: AutoencoderKL, params, pixels):
-    return vae.apply({"params": params}, pixels, method=AutoencoderKL.encode)
-
-
 def encode_image(pipe, pixels: np.ndarray) -> jax.Array:
     """Pixels (B, H, W, 3) in [-1, 1] -> packed, shifted and scaled latents (B, L, 64), float32.
 
     Uses the posterior mean: the same image always gives the same latents (diffusers samples
     the posterior for img2img, inpaint and Fill; Kontext takes the mean there too).
     """
-    z = _encode(pipe.vae, pipe.vae_params, jnp.asarray(pixels, pipe.dtype)).astype(jnp.float32)
+    z = jit_apply(pipe.vae, "encode", pipe.vae_params, jnp.asarray(pixels, pipe.dtype)).astype(jnp.float32)
     return pack(scale_latents(z, pipe.vae_cfg))

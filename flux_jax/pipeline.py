@@ -8,6 +8,7 @@ Loads a diffusers-layout folder (converting on the fly) or a folder written by `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import warnings
@@ -39,6 +40,12 @@ DEFAULTS = {
 }
 SCHNELL_MAX_SEQUENCE = 256
 Prompt = Union[str, Sequence[str]]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def jit_apply(module, method: str, params: dict, *args):
+    """module.method(*args) under jit; keyed on the (hashable) module, so pipelines share compilations."""
+    return module.apply({"params": params}, *args, method=getattr(type(module), method))
 
 
 class PipelineError(ValueError):
@@ -115,9 +122,8 @@ class FluxPipeline:
         self.name = name
         self.transformer = Flux(self.cfg, self.dtype)
         self.vae = AutoencoderKL(self.vae_cfg, self.dtype)
-        self._encode_clip = jax.jit(lambda p, ids: CLIPTextEncoder(self.clip_cfg, self.dtype).apply({"params": p}, ids)[1])
-        self._encode_t5 = jax.jit(lambda p, ids: T5Encoder(self.t5_cfg, self.dtype).apply({"params": p}, ids))
-        self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=AutoencoderKL.decode))
+        self.clip = CLIPTextEncoder(self.clip_cfg, self.dtype)
+        self.t5 = T5Encoder(self.t5_cfg, self.dtype)
         self._compiled: dict = {}
         self._bar = None
 
@@ -167,8 +173,8 @@ class FluxPipeline:
             raise PipelineError(f"prompt_2 has {len(prompts_2)} entries, prompt has {len(prompts)}")
         if self.clip_params is None:
             (self.clip_params, _), (self.t5_params, _) = self.reload_text_encoders()
-        y = self._encode_clip(self.clip_params, self._tokenize(self.tokenizer, prompts, CLIP_MAX_LENGTH))
-        txt = self._encode_t5(self.t5_params, self._tokenize(self.tokenizer_2, prompts_2, max_sequence_length))
+        _, y = jit_apply(self.clip, "__call__", self.clip_params, self._tokenize(self.tokenizer, prompts, CLIP_MAX_LENGTH))
+        txt = jit_apply(self.t5, "__call__", self.t5_params, self._tokenize(self.tokenizer_2, prompts_2, max_sequence_length))
         repeat = lambda a: jnp.repeat(a.astype(self.dtype), num_images_per_prompt, axis=0)
         return repeat(txt), repeat(y)
 
@@ -349,7 +355,7 @@ class FluxPipeline:
     def decode(self, latents: jax.Array, height: int, width: int) -> np.ndarray:
         """Packed latents -> float32 (B, H, W, 3) images in [0, 1]."""
         z = unscale_latents(unpack(latents, height, width), self.vae_cfg).astype(self.dtype)
-        img = self._decode(self.vae_params, z).astype(jnp.float32)
+        img = jit_apply(self.vae, "decode", self.vae_params, z).astype(jnp.float32)
         return np.asarray(jnp.clip(img / 2 + 0.5, 0, 1))
 
     def finish(self, latents: jax.Array, height: int, width: int, output_type: str, timings: dict):
