@@ -48,6 +48,8 @@ def main() -> None:
                     help="JAX attention kernels to compare (xla, cudnn); default: flux_jax's own choice")
     ap.add_argument("--no-torch", action="store_true",
                     help="JAX only, random weights drawn on the device (fast; for tuning kernels and flags)")
+    ap.add_argument("--no-scan", action="store_true",
+                    help="unrolled blocks with per-layer params (FluxConfig.scan_layers=False)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch")
     args = ap.parse_args()
     gpu = args.gpu
@@ -64,7 +66,7 @@ def main() -> None:
     from convert.core import DictReader, convert
     from convert.transformer import diffusers_rules
     from flux_jax.config import DEV, PIXELS_PER_TOKEN
-    from flux_jax.model import Flux, param_shapes
+    from flux_jax.model import Flux, param_shapes, unstack_layers
     from flux_jax.sampling import image_ids, text_ids
 
     torch.set_num_threads(args.threads)
@@ -92,6 +94,9 @@ def main() -> None:
         params = convert(DictReader(sd), diffusers_rules(cfg), param_shapes(cfg))
         del sd
         params = jax.device_put(jax.tree_util.tree_map(lambda p: jnp.asarray(p, jdtype), params))
+    if args.no_scan:
+        cfg = cfg.replace(scan_layers=False)
+        params = unstack_layers(params)
     print(f"weights ready in {time.perf_counter() - t0:.1f} s")
 
     model = Flux(cfg, jdtype)

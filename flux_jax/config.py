@@ -45,6 +45,10 @@ class FluxConfig(_Config):
     qkv_bias: bool = True
     guidance_embed: bool = True
     remat: bool = False  # recompute block activations in the backward pass (training)
+    # True: each block stack is one nn.scan over params with a leading layer axis (compiles one
+    # block). False: blocks unrolled with per-layer params (see model.unstack_layers): longer
+    # compile, but XLA no longer copies each layer's weights out of the stack on GPU.
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:

@@ -20,6 +20,7 @@ from .layers import Linear, MLPEmbedder, Modulation, RMSNorm, attention, layer_n
 N_MOD_DOUBLE = 6  # shift, scale, gate for attention, then for the MLP
 N_MOD_SINGLE = 3  # shift, scale, gate
 N_MOD_FINAL = 2  # shift, scale
+STACKS = ("double_blocks", "single_blocks")
 
 
 class QKNorm(nn.Module):
@@ -121,6 +122,25 @@ def _stack(block: type[nn.Module], cfg: FluxConfig, n: int) -> type[nn.Module]:
                    in_axes=(nn.broadcast, nn.broadcast), length=n)
 
 
+def _run_blocks(block: type[nn.Module], cfg: FluxConfig, pd, n: int, name: str, carry, vec, pe):
+    """n blocks over `carry`: one scanned module (params stacked), or n modules named name_0..name_{n-1}."""
+    if cfg.scan_layers:
+        return _stack(block, cfg, n)(cfg, pd, name=name)(carry, vec, pe)[0]
+    cls = nn.remat(block, prevent_cse=False) if cfg.remat else block
+    for i in range(n):
+        carry, _ = cls(cfg, pd, name=f"{name}_{i}")(carry, vec, pe)
+    return carry
+
+
+def unstack_layers(params: dict) -> dict:
+    """Stacked params (scan_layers=True) -> per-layer ones (scan_layers=False): double_blocks_0, ..."""
+    out = {k: v for k, v in params.items() if k not in STACKS}
+    for name in STACKS:
+        n = jax.tree_util.tree_leaves(params[name])[0].shape[0]
+        out.update({f"{name}_{i}": jax.tree_util.tree_map(lambda a: a[i], params[name]) for i in range(n)})
+    return out
+
+
 def _batched_ids(ids: jax.Array, batch: int, name: str) -> jax.Array:
     if ids.ndim == 2:  # one set of ids for the whole batch, as diffusers passes them
         ids = jnp.broadcast_to(ids[None], (batch, *ids.shape))
@@ -164,9 +184,9 @@ class Flux(nn.Module):
             vec = vec + MLPEmbedder(cfg.hidden_size, pd, name="guidance_in")(timestep_embedding(guidance))
         vec = vec + MLPEmbedder(cfg.hidden_size, pd, name="vector_in")(y)
 
-        (img, txt), _ = _stack(DoubleBlock, cfg, cfg.depth)(cfg, pd, name="double_blocks")((img, txt), vec, pe)
+        (img, txt) = _run_blocks(DoubleBlock, cfg, pd, cfg.depth, "double_blocks", (img, txt), vec, pe)
         x = jnp.concatenate([txt, img], axis=1)
-        x, _ = _stack(SingleBlock, cfg, cfg.depth_single_blocks)(cfg, pd, name="single_blocks")(x, vec, pe)
+        x = _run_blocks(SingleBlock, cfg, pd, cfg.depth_single_blocks, "single_blocks", x, vec, pe)
         img = x[:, txt.shape[1]:txt.shape[1] + n_img]  # Kontext condition tokens are dropped here
 
         shift, scale = Modulation(N_MOD_FINAL, pd, name="final_modulation")(vec)

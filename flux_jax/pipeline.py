@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .autoencoder import AutoencoderKL, scale_latents, unscale_latents
 from .clip import CLIPTextEncoder
 from .config import CLIPConfig, FluxConfig, PIXELS_PER_TOKEN, T5Config, VAEConfig, VAE_DOWNSAMPLE, parse_dtype
-from .model import Flux
+from .model import Flux, unstack_layers
 from .layers import rope
 from .sampling import cfg_velocity, denoise, get_schedule, image_ids, model_timesteps, text_ids, unpack
 from .t5 import T5Encoder
@@ -46,6 +46,12 @@ Prompt = Union[str, Sequence[str]]
 def jit_apply(module, method: str, params: dict, *args):
     """module.method(*args) under jit; keyed on the (hashable) module, so pipelines share compilations."""
     return module.apply({"params": params}, *args, method=getattr(type(module), method))
+
+
+def default_scan_layers() -> bool:
+    """Unrolled blocks on GPU: XLA copies each layer's weights out of a scanned stack there (16 ms of
+    an H100 forward); elsewhere the scan's short compile wins."""
+    return jax.default_backend() != "gpu"
 
 
 class PipelineError(ValueError):
@@ -76,8 +82,12 @@ def _load_tokenizers(root: Path):
     return CLIPTokenizer.from_pretrained(root / "tokenizer"), T5TokenizerFast.from_pretrained(root / "tokenizer_2")
 
 
-def load_params(path: Path, name: str, dtype, **kw) -> tuple[dict, Any]:
-    """(device params, config) for one component: a converted folder, a diffusers folder or a BFL file."""
+def load_params(path: Path, name: str, dtype, scan_layers: bool = True, **kw) -> tuple[dict, Any]:
+    """(device params, config) for one component: a converted folder, a diffusers folder or a BFL file.
+
+    scan_layers=False (transformer only) splits the block stacks per layer on the host, before the
+    device transfer, so the device never holds both layouts.
+    """
     from convert import ConversionError, convert_component, is_converted, load_component
 
     if not path.exists():
@@ -86,6 +96,8 @@ def load_params(path: Path, name: str, dtype, **kw) -> tuple[dict, Any]:
         params, cfg = load_component(path) if is_converted(path) else convert_component(name, path, **kw)
     except ConversionError as e:
         raise PipelineError(str(e)) from None
+    if name == "transformer" and not scan_layers:
+        params, cfg = unstack_layers(params), cfg.replace(scan_layers=False)
     return jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype or p.dtype), params), cfg
 
 
@@ -120,7 +132,7 @@ class FluxPipeline:
         self.dtype = jax.tree_util.tree_leaves(self.params)[0].dtype if dtype is None else jnp.dtype(dtype)
         self.reload_text_encoders = reload_text_encoders  # set when low_memory frees them after each use
         self.name = name
-        self.transformer = Flux(self.cfg, self.dtype)
+        self.transformer = Flux(self.cfg, self.dtype)  # cfg.scan_layers says how self.params are laid out
         self.vae = AutoencoderKL(self.vae_cfg, self.dtype)
         self.clip = CLIPTextEncoder(self.clip_cfg, self.dtype)
         self.t5 = T5Encoder(self.t5_cfg, self.dtype)
@@ -130,13 +142,15 @@ class FluxPipeline:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, transformer: str | Path | None = None,
-                        low_memory: bool = False, **kw):
+                        low_memory: bool = False, scan_layers: Optional[bool] = None, **kw):
         """Load a diffusers-layout FLUX folder or a converted one.
 
         dtype: jnp dtype or name ('bf16', 'fp32'); default: as stored.
         transformer: a BFL single file, a diffusers transformer/ folder or a converted one, used
         instead of path/transformer. low_memory: free the text encoders before the transformer runs
-        (they are reloaded for the next call).
+        (they are reloaded for the next call). scan_layers: run the block stacks under nn.scan (fast
+        compile) or unrolled with per-layer params (~9% faster forward on an H100, ~30 s compile);
+        default: unrolled on GPU, scanned elsewhere.
         """
         root = Path(path)
         if not root.is_dir():
@@ -146,8 +160,9 @@ class FluxPipeline:
         encoders = lambda: (load_params(root / "text_encoder", "text_encoder", dtype),
                             load_params(root / "text_encoder_2", "text_encoder_2", dtype))
         clip, t5 = encoders()
-        tr = load_params(Path(transformer), "transformer", dtype, **_bfl_axes(root, transformer)) if transformer \
-            else load_params(root / "transformer", "transformer", dtype)
+        scan = default_scan_layers() if scan_layers is None else scan_layers
+        tr = load_params(Path(transformer), "transformer", dtype, scan, **_bfl_axes(root, transformer)) \
+            if transformer else load_params(root / "transformer", "transformer", dtype, scan)
         vae = load_params(root / "vae", "vae", dtype)
         dynamic, static = _scheduler_shift(root, tr[1])
         return cls(tr, clip, t5, vae, *tokenizers, dynamic_shift=dynamic, static_shift=static, dtype=dtype,

@@ -151,3 +151,15 @@ def test_real_width_parity(tmp_path, guidance):
     assert got == cfg
     x = make_inputs(cfg, 6, 10, batch=1, cond_hw=(4, 4) if guidance else None)
     assert rel_err(ours(cfg, params, x), reference(model, x)) <= FP32_TOL
+
+
+def test_unrolled_layers_match_reference(tmp_path):
+    """scan_layers=False (per-layer params, the GPU default of the pipeline) computes the same function."""
+    from flux_jax.model import unstack_layers
+
+    cfg = TINY
+    model = diffusers_transformer(cfg, seed=6)
+    params, _ = convert_transformer(diffusers_folder(tmp_path, model))
+    x = make_inputs(cfg, 3, 4, cond_hw=(2, 2))
+    got = ours(cfg.replace(scan_layers=False), unstack_layers(params), x)
+    assert rel_err(got, reference(model, x)) <= FP32_TOL

@@ -128,3 +128,11 @@ def test_incomplete_folder_names_missing_piece(tmp_path, dev):
     shutil.rmtree(tmp_path / "broken" / "vae")
     with pytest.raises(PipelineError, match="missing vae"):
         FluxPipeline.from_pretrained(tmp_path / "broken")
+
+
+def test_unrolled_blocks_as_on_gpu(dev):
+    """scan_layers=False (per-layer params; the default on GPUs) gives the reference's output too."""
+    folder, ref, _ = dev
+    ours = FluxPipeline.from_pretrained(folder, scan_layers=False)
+    assert not ours.cfg.scan_layers and "double_blocks_0" in ours.params
+    compare(ref, ours, noise(1, seed=8), prompt="a red fox")
