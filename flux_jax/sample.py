@@ -1,16 +1,25 @@
-"""python -m flux_jax.sample: FLUX.1 text-to-image from the command line.
+"""python -m flux_jax.sample: FLUX.1 text-to-image and image-conditioned generation from the command line.
 
     python -m flux_jax.sample --prompt "a red fox in the snow" --out fox.png
     python -m flux_jax.sample --demo --prompt "anything" --out demo/   # tiny random model: noise
+    python -m flux_jax.sample --model FLUX.1-Kontext-dev --image cat.png --prompt "give the cat a red hat"
+    python -m flux_jax.sample --image photo.png --strength 0.7 --prompt "a watercolour"          # img2img
+    python -m flux_jax.sample --model FLUX.1-Fill-dev --image room.png --mask sofa.png --prompt "a red sofa"
 
-Bad input (a missing model piece, a corrupt weights file, impossible sizes...) gets one
-`error: ...` line on stderr and exit code 2, and no output file. Cheap checks run before the
-model loads, so a typo costs no loading time. Written files go to stdout, one a line.
+Modes (--mode, or chosen from the arguments and the checkpoint; see AUTO_RULE): text-to-image,
+Kontext editing, img2img, inpaint (any checkpoint) and Fill (a FLUX.1 Fill checkpoint).
+
+Bad input (a missing model piece, a corrupt weights file, impossible sizes, an unreadable image,
+a mode the checkpoint cannot run...) gets one `error: ...` line on stderr and exit code 2, and no
+output file. Cheap checks run before the model loads, so a typo costs no loading time; the
+checkpoint's kind is read from its config or safetensors header for that. Written files go to
+stdout, one a line.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -20,7 +29,15 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .config import PIXELS_PER_TOKEN, parse_dtype
+from convert import is_converted
+from convert.core import CONFIG_FILE, Reader
+from convert.transformer import BFL_PREFIX, FILL_IN_CHANNELS
+
+from .config import PIXELS_PER_TOKEN, FluxConfig, parse_dtype
+from .images import default_size, load_image
+from .img2img import DEFAULT_STRENGTH, FluxImg2ImgPipeline
+from .inpaint import FILL_STRENGTH, FluxFillPipeline, FluxInpaintPipeline
+from .kontext import FluxKontextPipeline
 from .pipeline import DEFAULTS, MAX_SIDE, FluxPipeline, PipelineError
 
 EXIT_BAD_INPUT = 2
@@ -29,6 +46,7 @@ HF_REPO = "black-forest-labs/FLUX.1-dev"  # the default model, if the Hugging Fa
 MODEL_PARTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "transformer")
 MAX_SEED = 2**32 - 1  # JAX keys keep 32 bits of the seed without x64: larger seeds would collide
 DEMO_DEFAULTS = dict(height=256, width=256, num_inference_steps=4)  # seconds on a CPU, not minutes
+DEMO_KONTEXT_AREA = DEMO_DEFAULTS["height"] * DEMO_DEFAULTS["width"]  # Kontext's own default is 1024² pixels
 FILE_PATTERN = "flux_{seed}_{index}.png"  # image names when --out is a folder
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}  # --out names refused: PNG only
 
@@ -60,10 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt (needs --true-cfg above 1)")
     p.add_argument("--true-cfg", type=float, default=1.0, metavar="SCALE",
                    help="true classifier-free guidance scale (default 1: off)")
-    p.add_argument("--height", type=int, metavar="PX", help="pixels, a multiple of 16 (default 1024; demo 256)")
-    p.add_argument("--width", type=int, metavar="PX", help="pixels, a multiple of 16 (default 1024; demo 256)")
-    p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: dev 28, schnell 4; demo 4)")
-    p.add_argument("--guidance", type=float, metavar="SCALE", help="guidance scale (default: dev 3.5; schnell: none)")
+    for side in ("height", "width"):
+        p.add_argument(f"--{side}", type=int, metavar="PX",
+                       help="pixels, a multiple of 16 (default 1024; demo 256; image modes: see below)")
+    p.add_argument("--steps", type=int, metavar="N",
+                   help="denoising steps (default: dev 28, schnell 4, fill 50; demo 4)")
+    p.add_argument("--guidance", type=float, metavar="SCALE",
+                   help="guidance scale (default: dev 3.5, fill 30; schnell: none)")
     p.add_argument("--seed", type=int, metavar="N", help="random seed (default: random; printed and stored in the PNG)")
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
     p.add_argument("--out", default=".", metavar="PATH",
@@ -75,29 +96,185 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------- image modes (extension point)
+# ---------------------------------------------------------------- image modes
+
+@dataclasses.dataclass(frozen=True)
+class ModeSpec:
+    """What a mode takes: --image, --mask (both required when taken), --strength; whether it needs a Fill model."""
+    pipeline: type
+    image: bool = False
+    mask: bool = False
+    strength: bool = False
+    fill: bool = False
+
+
+MODES = {
+    "text": ModeSpec(FluxPipeline),
+    "kontext": ModeSpec(FluxKontextPipeline, image=True),
+    "img2img": ModeSpec(FluxImg2ImgPipeline, image=True, strength=True),
+    "inpaint": ModeSpec(FluxInpaintPipeline, image=True, mask=True, strength=True),
+    "fill": ModeSpec(FluxFillPipeline, image=True, mask=True, strength=True, fill=True),
+}
+STRENGTH_MODES = ", ".join(name for name, spec in MODES.items() if spec.strength)
+AUTO_RULE = ("Without --mode, the mode follows from the arguments and the checkpoint: "
+             "no --image: text (text-to-image); "
+             "--image with --mask: fill on a FLUX.1 Fill checkpoint, else inpaint; "
+             "--image alone: img2img if --strength is given, else kontext (editing by instruction: use a "
+             "FLUX.1 Kontext checkpoint). A Fill checkpoint runs fill only. "
+             "Output size: the input image's (floored to multiples of 16; kontext: about 1024² pixels at its "
+             "aspect ratio, demo 256²) unless --height and --width are both given. "
+             "--demo builds a Fill model for --mode fill, else a dev one (so --mask gives inpaint).")
+
 
 @dataclasses.dataclass
 class Mode:
     """What to run: the pipeline class, extra __call__ keywords, extra PNG metadata, the demo variant to build."""
     pipeline: type = FluxPipeline
     call_kwargs: dict = dataclasses.field(default_factory=dict)
-    metadata: dict = dataclasses.field(default_factory=dict)
+    metadata: dict = dataclasses.field(default_factory=lambda: {"mode": "text"})
     demo_variant: str = "dev"
+    name: str = "text"
 
 
 def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
-    """Image-conditioned modes (--image, --mask, --strength, --mode: Kontext, img2img, inpaint, Fill) go here."""
+    g = parser.add_argument_group("image modes", AUTO_RULE)
+    g.add_argument("--mode", choices=tuple(MODES), help="what to generate (default: chosen as above)")
+    g.add_argument("--image", metavar="FILE", help="input image (any format Pillow reads; EXIF orientation applied)")
+    g.add_argument("--mask", metavar="FILE", help="inpaint/fill mask, white = repaint (resized to the image, "
+                                                  "with a warning, if its size differs)")
+    g.add_argument("--strength", type=float, metavar="S",
+                   help=f"{STRENGTH_MODES}: how much of the image to redraw, 0 to 1 "
+                        f"(default {DEFAULT_STRENGTH}; fill {FILL_STRENGTH}: start from pure noise)")
 
 
-def select_mode(args: argparse.Namespace) -> Mode:
-    """The Mode the arguments ask for; raise BadInput for bad mode inputs.
+def auto_mode(args: argparse.Namespace, fill_model: Optional[bool]) -> str:
+    """The mode AUTO_RULE picks; fill_model None (unknown) counts as not Fill: the load then tells."""
+    if args.image is None:
+        return "text"
+    if args.mask is not None:
+        return "fill" if fill_model else "inpaint"
+    return "img2img" if args.strength is not None else "kontext"
 
-    Runs before the model loads, so read and check input images here. Keywords in call_kwargs
-    override the text-to-image ones (e.g. height=None to take the input image's size).
-    Text-to-image only for now.
+
+def check_mode_inputs(name: str, args: argparse.Namespace) -> None:
+    """--image, --mask and --strength as mode `name` takes them."""
+    spec, which = MODES[name], f"--mode {name}" if args.mode else f"{name} mode"
+    if spec.image and args.image is None:
+        raise BadInput(f"{which} needs --image")
+    if not spec.image and args.image is not None:
+        raise BadInput(f"{which} takes no --image")
+    if spec.mask and args.mask is None:
+        raise BadInput(f"{which} needs --mask (white = repaint)")
+    if not spec.mask and args.mask is not None:
+        raise BadInput(f"--mask is used by inpaint and fill only, not {which}")
+    if not spec.strength and args.strength is not None:
+        why = "" if args.mode or args.image else " (no --image given)"
+        raise BadInput(f"--strength is used by {STRENGTH_MODES} only, not {which}{why}")
+
+
+def check_checkpoint(name: str, fill_model: Optional[bool], source: object) -> None:
+    """Refuse a mode the checkpoint cannot run: fill needs a Fill model, which runs nothing else. None: unknown."""
+    spec = MODES[name]
+    if spec.fill and fill_model is False:
+        raise BadInput(f"--mode fill needs a FLUX.1 Fill checkpoint (transformer in_channels {FILL_IN_CHANNELS}); "
+                       f"{source} is not one: use --mode inpaint")
+    if not spec.fill and fill_model:
+        fix = "use --mode fill (or no --mode)" if spec.mask else "it needs --image and --mask (white = repaint)"
+        raise BadInput(f"{source} is a FLUX.1 Fill checkpoint: {fix}")
+
+
+def transformer_source(args: argparse.Namespace, root: Path) -> Path:
+    return Path(args.transformer) if args.transformer else root / "transformer"
+
+
+def transformer_in_channels(src: Path) -> Optional[int]:
+    """in_channels of the transformer at `src`, from its config or safetensors header (no weights read).
+
+    None if it cannot be told: loading then reports what is wrong with the files.
     """
-    return Mode()
+    default = FluxConfig.in_channels  # what the loaders assume when a config leaves it out
+    try:
+        if src.is_file():  # BFL single file: img_in.weight is (hidden, in_channels)
+            reader = Reader(src)
+            prefix = BFL_PREFIX if any(k.startswith(BFL_PREFIX) for k in reader.keys()) else ""
+            return reader.shape(f"{prefix}img_in.weight")[1]
+        if is_converted(src):
+            return json.loads((src / CONFIG_FILE).read_text())["config"].get("in_channels", default)
+        return json.loads((src / "config.json").read_text()).get("in_channels", default)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def is_fill_model(args: argparse.Namespace, root: Optional[Path]) -> Optional[bool]:
+    """Whether the checkpoint is a Fill model, before loading it; the demo model is built for the mode."""
+    if root is None:
+        return args.mode == "fill"
+    in_channels = transformer_in_channels(transformer_source(args, root))
+    return None if in_channels is None else in_channels == FILL_IN_CHANNELS
+
+
+def warn_if_not_kontext(root: Path) -> None:
+    """Kontext shares dev's architecture, so only model_index.json can tell a dev folder run by mistake."""
+    try:
+        cls = json.loads((root / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return
+    if cls and cls != FluxKontextPipeline.__name__:
+        warnings.warn(f"{root} holds a {cls}, not FLUX.1 Kontext: kontext mode edits by instruction only with "
+                      f"a Kontext checkpoint (for img2img pass --strength)")
+
+
+def read_input(path: str, option: str, image_mode: str = "RGB"):
+    """The PIL image in `path` (upright, in `image_mode`); unreadable files are bad input."""
+    try:
+        return load_image(path, mode=image_mode, name=option)
+    except PipelineError as e:
+        raise BadInput(str(e)) from None
+
+
+def select_mode(args: argparse.Namespace, root: Optional[Path]) -> Mode:
+    """The Mode the arguments ask for (AUTO_RULE without --mode) on the model at `root` (None: the demo).
+
+    Runs before the model loads: checks the mode's inputs against the checkpoint's kind, reads the images.
+    """
+    if args.mask is not None and args.image is None:
+        raise BadInput("--mask needs --image")
+    if args.strength is not None and not 0 <= args.strength <= 1:
+        raise BadInput(f"--strength must be from 0 to 1, got {args.strength}")
+    fill_model = is_fill_model(args, root)
+    name = args.mode or auto_mode(args, fill_model)
+    spec = MODES[name]
+    check_mode_inputs(name, args)
+    check_checkpoint(name, fill_model, transformer_source(args, root) if root else "the demo model")
+    mode = Mode(spec.pipeline, metadata={"mode": name}, demo_variant="fill" if spec.fill else "dev", name=name)
+    if not spec.image:
+        return mode
+    if (args.height is None) != (args.width is None):
+        raise BadInput(f"{name} mode takes --height and --width together, or neither (the input image's size)")
+    image = read_input(args.image, "--image")
+    try:
+        default_size(image, "--image")
+    except PipelineError as e:
+        raise BadInput(str(e)) from None
+    # height/width None: the pipeline's size rules, not the text-to-image defaults.
+    kw = dict(image=image, height=args.height, width=args.width)
+    mode.metadata["image"] = Path(args.image).name
+    if spec.mask:
+        kw["mask_image"] = read_input(args.mask, "--mask", "L")
+        mode.metadata["mask"] = Path(args.mask).name
+    if spec.strength:
+        kw["strength"] = args.strength
+        mode.metadata["strength"] = spec.pipeline.default_strength if args.strength is None else args.strength
+    if name == "kontext":
+        # Kontext reads height/width as an aspect ratio at max_area pixels: their product makes them exact.
+        if args.height is not None:
+            kw["max_area"] = args.height * args.width
+        elif args.demo:
+            kw["max_area"] = DEMO_KONTEXT_AREA
+        if root is not None and not args.transformer:
+            warn_if_not_kontext(root)
+    mode.call_kwargs = kw
+    return mode
 
 
 # ---------------------------------------------------------------- checks before loading
@@ -276,6 +453,7 @@ def generate(args, prompts: list[str], out: Path, root: Optional[Path], mode: Mo
     t0 = time.perf_counter()
     pipe, label = load_pipeline(args, root, mode, dtype)
     load_s = time.perf_counter() - t0
+    check_checkpoint(mode.name, pipe.variant == "fill", label)  # when its kind could not be read before loading
 
     kw = call_kwargs(args, mode)
     defaults = DEFAULTS[pipe.variant]
@@ -285,7 +463,7 @@ def generate(args, prompts: list[str], out: Path, root: Optional[Path], mode: Mo
     totals: dict[str, float] = {}
     for prompt in prompts:
         try:
-            result = pipe(prompt, seed=seed, **kw)
+            result = pipe(prompt=prompt, seed=seed, **kw)  # by name: Kontext takes the image first
         except PipelineError as e:
             raise BadInput(str(e)) from None
         for key, value in result.timings.items():
@@ -299,8 +477,9 @@ def generate(args, prompts: list[str], out: Path, root: Optional[Path], mode: Mo
             save_png(image, path, info)
             print(path)
     t = lambda key: totals.get(key, 0.0)
+    image = f"image encoding {t('encode_image'):.1f} s, " if "encode_image" in totals else ""
     print(f"compile {t('compile'):.1f} s, sampling {t('sample'):.1f} s (load {load_s:.1f} s, "
-          f"text encoding {t('encode'):.1f} s, decoding {t('decode'):.1f} s)", file=sys.stderr)
+          f"text encoding {t('encode'):.1f} s, {image}decoding {t('decode'):.1f} s)", file=sys.stderr)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -321,8 +500,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             prompts = read_prompts(args)
             check_options(args)
             out = check_out(args.out)
-            mode = select_mode(args)
             root = None if args.demo else resolve_model(args)
+            mode = select_mode(args, root)
             generate(args, prompts, out, root, mode, check_dtype(args.dtype))
     except BadInput as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)

@@ -22,7 +22,7 @@ from pipeline_fixtures import cached_flux_folder, transformer_config
 SIZE = 64  # pixels: 4x4 tokens, fast everywhere
 STEPS = 2
 FAST = ["--height", str(SIZE), "--width", str(SIZE), "--steps", str(STEPS)]
-METADATA = ("prompt", "seed", "steps", "guidance", "size", "model")
+METADATA = ("prompt", "seed", "steps", "guidance", "size", "model", "mode")
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +102,7 @@ def test_demo_writes_pngs_with_metadata(tmp_path, capsys, shared_demo):
     assert set(METADATA) <= set(text)
     assert text["prompt"] == "a red fox, café" and text["seed"] == "5"
     assert text["steps"] == str(STEPS) and text["size"] == f"{SIZE}x{SIZE}" and text["guidance"] == "3.5"
-    assert "demo" in text["model"]
+    assert "demo" in text["model"] and text["mode"] == "text"
     first, second = (np.asarray(Image.open(tmp_path / n)) for n in names)
     assert first.shape == (SIZE, SIZE, 3) and first.std() > 0
     assert not np.array_equal(first, second)  # two images of one prompt: different noise
