@@ -130,9 +130,10 @@ def test_incomplete_folder_names_missing_piece(tmp_path, dev):
         FluxPipeline.from_pretrained(tmp_path / "broken")
 
 
-def test_unrolled_blocks_as_on_gpu(dev):
-    """scan_layers=False (per-layer params; the default on GPUs) gives the reference's output too."""
-    folder, ref, _ = dev
-    ours = FluxPipeline.from_pretrained(folder, scan_layers=False)
-    assert not ours.cfg.scan_layers and "double_blocks_0" in ours.params
+def test_scanned_blocks_as_on_tpu(dev):
+    """scan_layers=True (stacked params under nn.scan; the default on TPUs) gives the reference's output too."""
+    folder, ref, default = dev
+    assert not default.cfg.scan_layers and "double_blocks_0" in default.params  # CPU default: unrolled
+    ours = FluxPipeline.from_pretrained(folder, scan_layers=True)
+    assert ours.cfg.scan_layers and "double_blocks" in ours.params
     compare(ref, ours, noise(1, seed=8), prompt="a red fox")
