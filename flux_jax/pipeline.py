@@ -254,7 +254,6 @@ class FluxPipeline:
                         cond_ids: Optional[np.ndarray] = None, hook_args: Any = None,
                         progress: bool = True) -> tuple[jax.Array, dict]:
         """Run the jitted sampler; returns (final latents float32, {'compile': s, 'sample': s})."""
-        b = latents.shape[0]
         true_cfg = neg is not None
         if true_cfg:
             txt, y = jnp.concatenate([txt, neg[0]]), jnp.concatenate([y, neg[1]])
