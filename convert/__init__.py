@@ -1,6 +1,8 @@
 """PyTorch safetensors (diffusers or BFL layouts) -> flux-jax param trees -> Orbax checkpoints.
 
-`convert_to_checkpoint(src, dst)` converts once; `load_component(path)` loads it back fast.
+`convert_to_checkpoint(src, dst)` converts once, streaming tensor by tensor (a 24 GB transformer
+in a few GB of RAM); `load_component(path)` loads it back fast, onto devices if given shardings.
+`component_stream` hands out the converted tensors one by one, for a caller that places them itself.
 """
 from __future__ import annotations
 
@@ -8,17 +10,18 @@ import importlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from flux_jax.config import CLIPConfig, FluxConfig, T5Config, VAEConfig, parse_dtype
-from .core import ConversionError, atomic_dir, is_checkpoint, load_checkpoint, save_params
+from .core import (ConversionError, Piece, Plan, atomic_dir, convert, is_checkpoint, load_checkpoint, materialize,
+                   piece_shapes, save_params, stream)
 
-# component folder -> (module, converter function, config class); converters return (params, config)
+# component folder -> (module, planner function, config class); planners take (src, **kw) and return a Plan
 COMPONENTS = {
-    "transformer": ("convert.transformer", "convert_transformer", FluxConfig),
-    "text_encoder": ("convert.text_encoders", "convert_clip", CLIPConfig),
-    "text_encoder_2": ("convert.text_encoders", "convert_t5", T5Config),
-    "vae": ("convert.autoencoder", "convert_vae", VAEConfig),
+    "transformer": ("convert.transformer", "plan_transformer", FluxConfig),
+    "text_encoder": ("convert.text_encoders", "plan_clip", CLIPConfig),
+    "text_encoder_2": ("convert.text_encoders", "plan_t5", T5Config),
+    "vae": ("convert.autoencoder", "plan_vae", VAEConfig),
 }
 # diffusers classes (config.json `_class_name` or `architectures`) -> component
 CLASSES = {"FluxTransformer2DModel": "transformer", "CLIPTextModel": "text_encoder",
@@ -26,7 +29,8 @@ CLASSES = {"FluxTransformer2DModel": "transformer", "CLIPTextModel": "text_encod
 COPIED = ("tokenizer", "tokenizer_2", "scheduler")  # small folders used as they are
 MODEL_INDEX = "model_index.json"
 
-__all__ = ["ConversionError", "convert_component", "convert_to_checkpoint", "load_component", "detect"]
+__all__ = ["ConversionError", "component_stream", "convert_component", "convert_to_checkpoint", "load_component",
+           "detect", "is_converted"]
 
 
 def detect(src: str | Path) -> str:
@@ -47,20 +51,48 @@ def detect(src: str | Path) -> str:
     raise ConversionError(f"{src}: unsupported model class {names}; expected one of {sorted(CLASSES)}")
 
 
-def convert_component(name: str, src: str | Path, dtype: Any = None, **kw) -> tuple[dict, Any]:
+def _plan(name: str, src: str | Path, **kw) -> Plan:
+    if name not in COMPONENTS:
+        raise ConversionError(f"unknown component {name!r}; expected one of {sorted(COMPONENTS)}")
     module, fn, _ = COMPONENTS[name]
-    return getattr(importlib.import_module(module), fn)(src, dtype=parse_dtype(dtype), **kw)
+    return getattr(importlib.import_module(module), fn)(src, **kw)
 
 
-def _write_component(folder: Path, name: str, src: Path, dtype) -> None:
-    params, cfg = convert_component(name, src, dtype, progress=True, scratch=folder / ".scratch")
+def component_stream(name: str, src: str | Path, dtype: Any = None, progress: bool = False,
+                     **kw) -> tuple[Any, dict, Iterator[Piece]]:
+    """(config, target shapes, pieces) of one component: a diffusers component folder or a BFL file.
+
+    Every name is checked before this returns (ConversionError listing all problems); shapes are
+    checked as pieces come, and the iterator raises after its last piece if any was wrong.
+    target shapes: the STACKED param tree as jax.ShapeDtypeStructs, in the dtype the pieces come in.
+    pieces: per-layer paths (`double_blocks_3/...`). dtype None (preferred) keeps the source dtype
+    and identity/transpose tensors as lazy file views, so a consumer reading `value[idx]` reads only
+    those pages and casts only its slice; a dtype casts each piece whole as it comes.
+    kw: for the component's planner, e.g. axes_dim for a BFL file of a non-standard head width.
+    """
+    plan = _plan(name, src, **kw)
+    dtype = parse_dtype(dtype)
+    pieces = stream(plan.reader, plan.rules, plan.target, plan.ignore, progress)
+    if dtype is not None:
+        pieces = (Piece(path, materialize(value, dtype)) for path, value in pieces)
+    return plan.config, piece_shapes(plan, dtype), pieces
+
+
+def convert_component(name: str, src: str | Path, dtype: Any = None, progress: bool = False,
+                      **kw) -> tuple[dict, Any]:
+    """(numpy params in the stacked layout, config) of one component, converted in memory."""
+    plan = _plan(name, src, **kw)
+    return convert(plan.reader, plan.rules, plan.target, parse_dtype(dtype), plan.ignore, progress), plan.config
+
+
+def _write_component(folder: Path, name: str, component: tuple[Any, dict, Iterator[Piece]], dtype) -> None:
+    """Stream one component's pieces (from component_stream) into a checkpoint in `folder`, cast as written."""
+    cfg, _, pieces = component
     meta = {"component": name, "config": cfg.to_dict()}
     if name == "transformer":
         from .transformer import variant
         meta["variant"] = variant(cfg)
-    save_params(folder, params, meta)
-    del params
-    shutil.rmtree(folder / ".scratch", ignore_errors=True)
+    save_params(folder, pieces, meta, dtype=parse_dtype(dtype))
 
 
 def convert_to_checkpoint(src: str | Path, dst: str | Path, dtype: Any = None, overwrite: bool = False) -> Path:
@@ -68,20 +100,27 @@ def convert_to_checkpoint(src: str | Path, dst: str | Path, dtype: Any = None, o
 
     A pipeline folder becomes dst/<component>/ for each model plus copies of the tokenizers,
     scheduler and model_index.json, so `FluxPipeline.from_pretrained(dst)` works on it.
-    Nothing is left at `dst` if anything fails.
+    Every component's names are checked before anything is written; tensors stream from the
+    source into Orbax parts (memory: a few GB whatever the model size). Nothing is left at `dst`
+    if anything fails.
     """
     src = Path(src)
     kind = detect(src)
-
-    def write(tmp: Path) -> None:
-        if kind != "pipeline":
-            return _write_component(tmp, kind, src, dtype)
+    parse_dtype(dtype)  # a bad name fails before any work
+    if kind == "pipeline":
         missing = [n for n in (*COMPONENTS, *COPIED) if not (src / n).exists()]
         if missing:
             raise ConversionError(f"{src}: pipeline folder lacks {missing}")
-        for name in COMPONENTS:
+        components = {name: component_stream(name, src / name, progress=True) for name in COMPONENTS}
+    else:
+        components = {kind: component_stream(kind, src, progress=True)}
+
+    def write(tmp: Path) -> None:
+        if kind != "pipeline":
+            return _write_component(tmp, kind, components[kind], dtype)
+        for name, component in components.items():
             (tmp / name).mkdir()
-            _write_component(tmp / name, name, src / name, dtype)
+            _write_component(tmp / name, name, component, dtype)
         for name in COPIED:
             shutil.copytree(src / name, tmp / name)
         shutil.copy(src / MODEL_INDEX, tmp / MODEL_INDEX)
@@ -89,9 +128,16 @@ def convert_to_checkpoint(src: str | Path, dst: str | Path, dtype: Any = None, o
     return atomic_dir(dst, write, overwrite)
 
 
-def load_component(path: str | Path, dtype: Any = None) -> tuple[dict, Any]:
-    """(numpy params, config) of a component folder written by convert_to_checkpoint."""
-    params, meta = load_checkpoint(path, parse_dtype(dtype))
+def load_component(path: str | Path, dtype: Any = None, sharding: Callable | None = None,
+                   stacked: bool = True, select: Callable[[str], bool] | None = None) -> tuple[dict, Any]:
+    """(params, config) of a component folder written by convert_to_checkpoint.
+
+    stacked=True: numpy params in the stacked layout (scanned models). stacked=False: the
+    per-layer layout, as numpy, or with sharding (path, shape, dtype) -> Sharding as jax Arrays
+    restored onto the devices. select: only the params whose per-layer path it accepts.
+    See core.load_checkpoint.
+    """
+    params, meta = load_checkpoint(path, parse_dtype(dtype), sharding, stacked, select)
     name = meta.get("component")
     if name not in COMPONENTS:
         raise ConversionError(f"{path}: unknown component {name!r} in its config")

@@ -16,7 +16,7 @@ import numpy as np
 
 from flux_jax.autoencoder import AutoencoderKL
 from flux_jax.config import VAEConfig
-from .core import ConversionError, Reader, Rule, convert, leaves, linear
+from .core import ConversionError, Plan, Reader, Rule, convert, leaves, linear
 
 CONFIG_NAME = "config.json"
 SUBFOLDER = "vae"  # where the VAE lives inside a diffusers pipeline folder
@@ -86,23 +86,16 @@ def vae_rules(cfg: VAEConfig) -> list[Rule]:
         module, name = path.rsplit("/", 1)
         prefix = _torch_key(module)
         if name == "kernel" and len(leaf.shape) == 4:
-            src, fn = (f"{prefix}.weight",), _conv_kernel
+            rules.append(Rule(path, (f"{prefix}.weight",), _conv_kernel))
         elif name == "kernel":
-            src, fn = linear(prefix)["kernel"]
-        elif name == "scale":  # GroupNorm weight
-            src, fn = (f"{prefix}.weight",), np.asarray
-        else:
-            src, fn = (f"{prefix}.{name}",), np.asarray
-        rules.append(Rule(path, src, fn))
+            rules.append(Rule(path, *linear(prefix)["kernel"]))
+        else:  # as is; GroupNorm's weight is our scale
+            rules.append(Rule(path, (f"{prefix}.{'weight' if name == 'scale' else name}",)))
     return rules
 
 
-def convert_vae(src_folder, dtype=None, **kw) -> tuple[dict, VAEConfig]:
-    """(params, config) from a diffusers VAE folder, or a pipeline folder holding `vae/`.
-
-    dtype: params dtype (e.g. jnp.bfloat16); None keeps the file's.
-    kw: passed to core.convert (progress, scratch).
-    """
+def plan_vae(src_folder: str | Path) -> Plan:
+    """What converting a diffusers VAE folder, or a pipeline folder holding `vae/`, takes."""
     folder = Path(src_folder)
     if (folder / SUBFOLDER / CONFIG_NAME).is_file():
         folder = folder / SUBFOLDER
@@ -110,4 +103,13 @@ def convert_vae(src_folder, dtype=None, **kw) -> tuple[dict, VAEConfig]:
     if not config_file.is_file():
         raise ConversionError(f"{folder}: no {CONFIG_NAME}; expected a diffusers VAE folder (or one holding vae/)")
     cfg = vae_config_from_diffusers(json.loads(config_file.read_text()))
-    return convert(Reader(folder), vae_rules(cfg), vae_param_shapes(cfg), dtype, **kw), cfg
+    return Plan(Reader(folder), vae_rules(cfg), vae_param_shapes(cfg), cfg)
+
+
+def convert_vae(src_folder, dtype=None, progress: bool = False) -> tuple[dict, VAEConfig]:
+    """(params, config) from a diffusers VAE folder, or a pipeline folder holding `vae/`.
+
+    dtype: params dtype (e.g. jnp.bfloat16); None keeps the file's.
+    """
+    plan = plan_vae(src_folder)
+    return convert(plan.reader, plan.rules, plan.target, dtype, plan.ignore, progress), plan.config

@@ -15,7 +15,7 @@ import numpy as np
 from flux_jax.clip import CLIPTextEncoder
 from flux_jax.config import CLIPConfig, T5Config
 from flux_jax.t5 import T5Encoder
-from .core import ConversionError, Reader, Rule, convert
+from .core import ConversionError, Plan, Reader, Rule, convert
 
 HF_CONFIG = "config.json"
 CLIP_PREFIX = "text_model."  # transformers 4.x files (FLUX's) nest CLIPTextModel under it; 5.x does not
@@ -36,13 +36,14 @@ T5_FIELDS = {"vocab_size": "vocab_size", "d_model": "d_model", "d_kv": "d_kv", "
              "layer_norm_epsilon": "layer_norm_eps"}
 
 
+def _fused_bias(*bs: np.ndarray) -> np.ndarray:
+    """Biases concatenated along outputs; a single one comes back as is (a lazy file view stays lazy)."""
+    return bs[0] if len(bs) == 1 else np.concatenate(bs, axis=0)
+
+
 def _fused_kernel(*ws: np.ndarray) -> np.ndarray:
     """torch Linears (out, in), stacked along outputs -> one Flax kernel (in, sum of outs)."""
-    return np.concatenate(ws, axis=0).T
-
-
-def _fused_bias(*bs: np.ndarray) -> np.ndarray:
-    return np.concatenate(bs, axis=0)
+    return _fused_bias(*ws).T
 
 
 def _linear(dst: str, srcs: list[str], layer: int | None = None, bias: bool = True) -> list[Rule]:
@@ -129,28 +130,33 @@ def _param_shapes(model) -> dict:
     return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
 
 
-def convert_clip(src_folder: str | Path, dtype=None, **kw) -> tuple[dict, CLIPConfig]:
-    """(numpy param tree, config) from a transformers CLIPTextModel folder; dtype None keeps the file's.
-
-    kw: passed to core.convert (progress, scratch).
-    """
+def plan_clip(src_folder: str | Path) -> Plan:
+    """What converting a transformers CLIPTextModel folder takes."""
     cfg = clip_config_from_hf(_read_hf_config(src_folder))
     reader = Reader(src_folder)
     prefix = CLIP_PREFIX if any(k.startswith(CLIP_PREFIX) for k in reader.keys()) else ""
-    ignore = [prefix + b for b in CLIP_BUFFERS]
-    return convert(reader, clip_rules(cfg, prefix), _param_shapes(CLIPTextEncoder(cfg)), dtype, ignore,
-                   **kw), cfg
+    return Plan(reader, clip_rules(cfg, prefix), _param_shapes(CLIPTextEncoder(cfg)), cfg,
+                ignore=[prefix + b for b in CLIP_BUFFERS])
 
 
-def convert_t5(src_folder: str | Path, dtype=None, **kw) -> tuple[dict, T5Config]:
-    """(numpy param tree, config) from a transformers T5EncoderModel folder; dtype None keeps the file's.
-
-    kw: passed to core.convert (progress, scratch).
-    """
+def plan_t5(src_folder: str | Path) -> Plan:
+    """What converting a transformers T5EncoderModel folder takes."""
     cfg = t5_config_from_hf(_read_hf_config(src_folder))
     reader = Reader(src_folder)
     present = [k for k in T5_EMBEDS if k in reader]
-    embed_key = present[0] if present else T5_EMBEDS[0]  # none present: convert reports it missing
-    params = convert(reader, t5_rules(cfg, embed_key), _param_shapes(T5Encoder(cfg)), dtype, ignore=present[1:],
-                     **kw)
-    return params, cfg
+    embed_key = present[0] if present else T5_EMBEDS[0]  # none present: the check reports it missing
+    return Plan(reader, t5_rules(cfg, embed_key), _param_shapes(T5Encoder(cfg)), cfg, ignore=present[1:])
+
+
+def _run(plan: Plan, dtype, progress: bool) -> tuple[dict, object]:
+    return convert(plan.reader, plan.rules, plan.target, dtype, plan.ignore, progress), plan.config
+
+
+def convert_clip(src_folder: str | Path, dtype=None, progress: bool = False) -> tuple[dict, CLIPConfig]:
+    """(numpy param tree, config) from a transformers CLIPTextModel folder; dtype None keeps the file's."""
+    return _run(plan_clip(src_folder), dtype, progress)
+
+
+def convert_t5(src_folder: str | Path, dtype=None, progress: bool = False) -> tuple[dict, T5Config]:
+    """(numpy param tree, config) from a transformers T5EncoderModel folder; dtype None keeps the file's."""
+    return _run(plan_t5(src_folder), dtype, progress)

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 
 from flux_jax.config import FluxConfig
-from .core import ConversionError, Reader, Rule, convert, linear
+from .core import ConversionError, Plan, Reader, Rule, convert
 
 BFL_PREFIX = "model.diffusion_model."
 DEFAULT_AXES = {128: (16, 56, 56)}  # head dim -> RoPE axes of every published FLUX.1
@@ -19,7 +19,8 @@ FILL_IN_CHANNELS = 384
 
 
 def _cat(*ws: np.ndarray) -> np.ndarray:
-    return np.concatenate(ws, axis=0)
+    """Concatenate along outputs; a single tensor comes back as is (a lazy file view stays lazy)."""
+    return ws[0] if len(ws) == 1 else np.concatenate(ws, axis=0)
 
 
 def _swap_halves(w: np.ndarray) -> np.ndarray:
@@ -146,11 +147,10 @@ def variant(cfg: FluxConfig) -> str:
     return "dev" if cfg.guidance_embed else "schnell"
 
 
-def convert_transformer(src: str | Path, dtype=None, axes_dim=None, **kw) -> tuple[dict, FluxConfig]:
-    """Params and config from a diffusers `transformer/` folder or a BFL single `.safetensors` file.
+def plan_transformer(src: str | Path, axes_dim=None) -> Plan:
+    """What converting a diffusers `transformer/` folder or a BFL single `.safetensors` file takes.
 
     axes_dim: RoPE axes, needed only for a BFL file of a non-standard head width.
-    kw: passed to core.convert (progress, scratch).
     """
     from flux_jax.model import param_shapes
 
@@ -166,4 +166,13 @@ def convert_transformer(src: str | Path, dtype=None, axes_dim=None, **kw) -> tup
         prefix = BFL_PREFIX if any(k.startswith(BFL_PREFIX) for k in reader.keys()) else ""
         cfg = config_from_bfl(reader, prefix, axes_dim)
         rules = bfl_rules(cfg, prefix)
-    return convert(reader, rules, param_shapes(cfg), dtype=dtype, **kw), cfg
+    return Plan(reader, rules, param_shapes(cfg), cfg)
+
+
+def convert_transformer(src: str | Path, dtype=None, axes_dim=None, progress: bool = False) -> tuple[dict, FluxConfig]:
+    """(numpy params, stacked; config) from a diffusers `transformer/` folder or a BFL single `.safetensors` file.
+
+    axes_dim: RoPE axes, needed only for a BFL file of a non-standard head width.
+    """
+    plan = plan_transformer(src, axes_dim)
+    return convert(plan.reader, plan.rules, plan.target, dtype, plan.ignore, progress), plan.config

@@ -114,7 +114,7 @@ def make_demo_pipeline(variant: str = "dev", cls=FluxPipeline, seed: int = 0, dt
     """A `cls` pipeline (FluxPipeline or a subclass) around a tiny random-weight `variant` model.
 
     Dev-like variants use the dynamic (resolution-dependent) shift, schnell none, as their
-    published scheduler configs do. Extra keywords go to `cls`.
+    published scheduler configs do. Extra keywords go to `cls` (e.g. mesh=).
     """
     dtype = parse_dtype(dtype) or jnp.dtype(jnp.float32)
     tokenizer, tokenizer_2 = demo_tokenizers()

@@ -96,13 +96,13 @@ class FluxImg2ImgPipeline(FluxPipeline):
         if len(sigma_schedule) == 1:
             warnings.warn(f"strength {strength} leaves no denoising step out of {steps}: returning the image",
                           stacklevel=2)
-            return self.finish(x, height, width, output_type, timings)
+            return self.finish(x, height, width, output_type, timings, batch)
         txt, y, neg, timings["encode"] = self.encode_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2,
                                                              true_cfg_scale, num_images_per_prompt, max_len)
         out, t = self.denoise_latents(x, txt, y, sigma_schedule, guidance_scale, image_ids(h_tok, w_tok),
                                       true_cfg_scale, neg, cond=cond, hook_args=hook_args, progress=progress)
         timings.update(t)
-        return self.finish(out, height, width, output_type, timings)
+        return self.finish(out, height, width, output_type, timings, batch)
 
     # ---------------------------------------------------------------- overridden by the masked pipelines
     def check_checkpoint(self) -> None:

@@ -99,14 +99,14 @@ class FluxKontextPipeline(FluxPipeline):
 
         timings = {}
         t0 = time.perf_counter()
-        cond, cond_ids = self.encode_references(refs, ref_sizes, batch)
+        cond, cond_ids = self.encode_references(refs, ref_sizes, x.shape[0])
         timings["encode_image"] = time.perf_counter() - t0
         txt, y, neg, timings["encode"] = self.encode_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2,
                                                              true_cfg_scale, num_images_per_prompt, max_len)
         out, t = self.denoise_latents(x, txt, y, sigma_schedule, guidance_scale, image_ids(h_tok, w_tok),
                                       true_cfg_scale, neg, cond=cond, cond_ids=cond_ids, progress=progress)
         timings.update(t)
-        return self.finish(out, height, width, output_type, timings)
+        return self.finish(out, height, width, output_type, timings, batch)
 
     def _output_size(self, height, width, ref_sizes, max_area, auto_resize) -> tuple[int, int]:
         if (height is None) != (width is None):

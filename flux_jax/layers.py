@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import TIME_EMBED_DIM, TIME_FACTOR
+from .sharding import sharded_attention
 
 NORM_EPS = 1e-6
 Init = Callable[..., jax.Array]
@@ -100,13 +101,18 @@ def attention_impl(dtype) -> Optional[str]:
     return "cudnn" if half and jax.default_backend() == "gpu" else None
 
 
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array) -> jax.Array:
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    return jax.nn.dot_product_attention(q, k, v, implementation=attention_impl(q.dtype))
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array) -> jax.Array:
     """RoPE then softmax attention over (B, L, H, D); returns (B, L, H·D).
 
-    The one place a faster kernel plugs in (see attention_impl).
+    The one place a faster kernel plugs in (see attention_impl). On a mesh it runs per device
+    (batch, heads and, with a sequence axis, Ulysses sequence parallelism: see sharding).
     """
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=attention_impl(q.dtype))
+    out = sharded_attention(_attend, q, k, v, pe)
     return out.reshape(*out.shape[:2], -1)
 
 

@@ -15,12 +15,14 @@ import jax
 import jax.numpy as jnp
 
 from .config import FluxConfig
+from .sharding import constrain
 from .layers import Linear, MLPEmbedder, Modulation, RMSNorm, attention, layer_norm, modulate, rope, timestep_embedding
 
 N_MOD_DOUBLE = 6  # shift, scale, gate for attention, then for the MLP
 N_MOD_SINGLE = 3  # shift, scale, gate
 N_MOD_FINAL = 2  # shift, scale
 STACKS = ("double_blocks", "single_blocks")
+TOKENS = ("batch", "length", None)  # logical axes of (B, L, hidden) activations (see sharding)
 
 
 class QKNorm(nn.Module):
@@ -82,7 +84,7 @@ class DoubleBlock(nn.Module):
         txt = txt + txt_mod[2] * txt_attn.proj(attn[:, :n_txt])
         txt = txt + txt_mod[5] * FeedForward(self.cfg.mlp_hidden, d, pd, name="txt_mlp")(
             modulate(txt, txt_mod[3], txt_mod[4]))
-        return (img, txt), None
+        return (constrain(img, TOKENS), constrain(txt, TOKENS)), None
 
 
 class FeedForward(nn.Module):
@@ -111,7 +113,7 @@ class SingleBlock(nn.Module):
         q, k = QKNorm(pd, name="norm")(q, k)
         mlp = nn.gelu(h[..., 3 * d:], approximate=True)
         out = Linear(d, param_dtype=pd, name="linear2")(jnp.concatenate([attention(q, k, v, pe), mlp], axis=-1))
-        return x + gate * out, None
+        return constrain(x + gate * out, TOKENS), None
 
 
 def _stack(block: type[nn.Module], cfg: FluxConfig, n: int) -> type[nn.Module]:
@@ -177,15 +179,15 @@ class Flux(nn.Module):
                 ids.append(_batched_ids(cond_seq_ids, b, "cond_seq_ids"))
             pe = rope(jnp.concatenate(ids, axis=1), cfg.axes_dim, cfg.theta)
 
-        img = Linear(cfg.hidden_size, param_dtype=pd, name="img_in")(img)
-        txt = Linear(cfg.hidden_size, param_dtype=pd, name="txt_in")(txt)
+        img = constrain(Linear(cfg.hidden_size, param_dtype=pd, name="img_in")(img), TOKENS)
+        txt = constrain(Linear(cfg.hidden_size, param_dtype=pd, name="txt_in")(txt), TOKENS)
         vec = MLPEmbedder(cfg.hidden_size, pd, name="time_in")(timestep_embedding(timesteps))
         if cfg.guidance_embed:
             vec = vec + MLPEmbedder(cfg.hidden_size, pd, name="guidance_in")(timestep_embedding(guidance))
         vec = vec + MLPEmbedder(cfg.hidden_size, pd, name="vector_in")(y)
 
         (img, txt) = _run_blocks(DoubleBlock, cfg, pd, cfg.depth, "double_blocks", (img, txt), vec, pe)
-        x = jnp.concatenate([txt, img], axis=1)
+        x = constrain(jnp.concatenate([txt, img], axis=1), TOKENS)
         x = _run_blocks(SingleBlock, cfg, pd, cfg.depth_single_blocks, "single_blocks", x, vec, pe)
         img = x[:, txt.shape[1]:txt.shape[1] + n_img]  # Kontext condition tokens are dropped here
 

@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import sharding
 from .autoencoder import AutoencoderKL, scale_latents, unscale_latents
 from .clip import CLIPTextEncoder
 from .config import CLIPConfig, FluxConfig, PIXELS_PER_TOKEN, T5Config, VAEConfig, VAE_DOWNSAMPLE, parse_dtype
-from .model import Flux, unstack_layers
 from .layers import rope
+from .loading import LoadError, load_component
+from .model import Flux
 from .sampling import cfg_velocity, denoise, get_schedule, image_ids, model_timesteps, text_ids, unpack
 from .t5 import T5Encoder
 
@@ -82,23 +84,33 @@ def _load_tokenizers(root: Path):
     return CLIPTokenizer.from_pretrained(root / "tokenizer"), T5TokenizerFast.from_pretrained(root / "tokenizer_2")
 
 
-def load_params(path: Path, name: str, dtype, scan_layers: bool = True, **kw) -> tuple[dict, Any]:
-    """(device params, config) for one component: a converted folder, a diffusers folder or a BFL file.
+def load_params(path: Path, name: str, mesh, dtype, scan_layers: bool = True, **kw) -> tuple[dict, Any]:
+    """(params on `mesh`, config) for one component: a converted folder, a diffusers folder or a BFL file.
 
-    scan_layers=False (transformer only) splits the block stacks per layer on the host, before the
-    device transfer, so the device never holds both layouts.
+    Each tensor goes onto the devices as it is read (see loading); scan_layers=False (transformer
+    only) keeps per-layer params, so the devices never hold both layouts.
     """
-    from convert import ConversionError, convert_component, is_converted, load_component
-
     if not path.exists():
         raise PipelineError(f"{path}: missing {name}; is this a complete FLUX model folder?")
     try:
-        params, cfg = load_component(path) if is_converted(path) else convert_component(name, path, **kw)
-    except ConversionError as e:
+        return load_component(path, name, mesh, dtype, scan_layers, **kw)
+    except LoadError as e:
         raise PipelineError(str(e)) from None
-    if name == "transformer" and not scan_layers:
-        params, cfg = unstack_layers(params), cfg.replace(scan_layers=False)
-    return jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype or p.dtype), params), cfg
+
+
+def pad_rows(x, n: int):
+    """x with its last row repeated up to n rows: batches fill the mesh's batch shards evenly."""
+    extra = n - x.shape[0]
+    if extra <= 0:
+        return x
+    xp = jnp if isinstance(x, jax.Array) else np
+    return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _repeat_rows(x: jax.Array, n: int, repeat: int, total: int) -> jax.Array:
+    """First n rows, each repeated `repeat` times, padded to `total` rows (one jitted op: global arrays)."""
+    return pad_rows(jnp.repeat(x[:n], repeat, axis=0), total)
 
 
 def _bfl_axes(root: Path, transformer) -> dict:
@@ -124,9 +136,14 @@ class FluxPipeline:
     def __init__(self, transformer: tuple[dict, FluxConfig], text_encoder: tuple[dict, CLIPConfig],
                  text_encoder_2: tuple[dict, T5Config], vae: tuple[dict, VAEConfig], tokenizer, tokenizer_2,
                  dynamic_shift: bool = True, static_shift: float = 1.0, dtype=None,
-                 reload_text_encoders: Optional[Callable[[], tuple]] = None, name: str = "flux"):
-        (self.params, self.cfg), (self.clip_params, self.clip_cfg) = transformer, text_encoder
-        (self.t5_params, self.t5_cfg), (self.vae_params, self.vae_cfg) = text_encoder_2, vae
+                 reload_text_encoders: Optional[Callable[[], tuple]] = None, name: str = "flux", mesh=None):
+        # Every model on the mesh (default: all devices on the data axis); loaded params already are.
+        self.mesh = sharding.make_mesh() if mesh is None else mesh
+        put = functools.partial(sharding.put_params, self.mesh)
+        (self.params, self.cfg), (self.clip_params, self.clip_cfg) = (put(transformer[0]), transformer[1]), \
+            (put(text_encoder[0]), text_encoder[1])
+        (self.t5_params, self.t5_cfg), (self.vae_params, self.vae_cfg) = (put(text_encoder_2[0]), text_encoder_2[1]), \
+            (put(vae[0]), vae[1])
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.dynamic_shift, self.static_shift = dynamic_shift, static_shift
         self.dtype = jax.tree_util.tree_leaves(self.params)[0].dtype if dtype is None else jnp.dtype(dtype)
@@ -142,7 +159,7 @@ class FluxPipeline:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, transformer: str | Path | None = None,
-                        low_memory: bool = False, scan_layers: Optional[bool] = None, **kw):
+                        low_memory: bool = False, scan_layers: Optional[bool] = None, mesh=None, **kw):
         """Load a diffusers-layout FLUX folder or a converted one.
 
         dtype: jnp dtype or name ('bf16', 'fp32'); default: as stored.
@@ -150,23 +167,26 @@ class FluxPipeline:
         instead of path/transformer. low_memory: free the text encoders before the transformer runs
         (they are reloaded for the next call). scan_layers: run the block stacks under nn.scan (fast
         compile) or unrolled with per-layer params (9% faster forward on an H100 but ~30 s compile);
-        default: scanned on TPU, unrolled elsewhere (see default_scan_layers).
+        default: scanned on TPU, unrolled elsewhere (see default_scan_layers). mesh: a
+        jax.sharding.Mesh with sharding.MESH_AXES (see sharding.make_mesh); default: all devices on
+        the data axis. Each tensor goes straight onto the mesh with its sharding as it is read.
         """
         root = Path(path)
         if not root.is_dir():
             raise PipelineError(f"{root}: no such model folder; pass --model PATH or set FLUX_JAX_MODEL")
         dtype = parse_dtype(dtype)
         tokenizers = _load_tokenizers(root)
-        encoders = lambda: (load_params(root / "text_encoder", "text_encoder", dtype),
-                            load_params(root / "text_encoder_2", "text_encoder_2", dtype))
+        mesh = sharding.make_mesh() if mesh is None else mesh
+        encoders = lambda: (load_params(root / "text_encoder", "text_encoder", mesh, dtype),
+                            load_params(root / "text_encoder_2", "text_encoder_2", mesh, dtype))
         clip, t5 = encoders()
         scan = default_scan_layers() if scan_layers is None else scan_layers
-        tr = load_params(Path(transformer), "transformer", dtype, scan, **_bfl_axes(root, transformer)) \
-            if transformer else load_params(root / "transformer", "transformer", dtype, scan)
-        vae = load_params(root / "vae", "vae", dtype)
+        tr = load_params(Path(transformer), "transformer", mesh, dtype, scan, **_bfl_axes(root, transformer)) \
+            if transformer else load_params(root / "transformer", "transformer", mesh, dtype, scan)
+        vae = load_params(root / "vae", "vae", mesh, dtype)
         dynamic, static = _scheduler_shift(root, tr[1])
         return cls(tr, clip, t5, vae, *tokenizers, dynamic_shift=dynamic, static_shift=static, dtype=dtype,
-                   reload_text_encoders=encoders if low_memory else None, name=root.name, **kw)
+                   reload_text_encoders=encoders if low_memory else None, name=root.name, mesh=mesh, **kw)
 
     @property
     def variant(self) -> str:
@@ -188,10 +208,15 @@ class FluxPipeline:
             raise PipelineError(f"prompt_2 has {len(prompts_2)} entries, prompt has {len(prompts)}")
         if self.clip_params is None:
             (self.clip_params, _), (self.t5_params, _) = self.reload_text_encoders()
-        _, y = jit_apply(self.clip, "__call__", self.clip_params, self._tokenize(self.tokenizer, prompts, CLIP_MAX_LENGTH))
-        txt = jit_apply(self.t5, "__call__", self.t5_params, self._tokenize(self.tokenizer_2, prompts_2, max_sequence_length))
-        repeat = lambda a: jnp.repeat(a.astype(self.dtype), num_images_per_prompt, axis=0)
-        return repeat(txt), repeat(y)
+        n = len(prompts)
+        ids = lambda tok, p, length: sharding.put_batch(
+            self.mesh, pad_rows(self._tokenize(tok, p, length), sharding.padded_batch(n, self.mesh)))
+        with jax.set_mesh(self.mesh):
+            _, y = jit_apply(self.clip, "__call__", self.clip_params, ids(self.tokenizer, prompts, CLIP_MAX_LENGTH))
+            txt = jit_apply(self.t5, "__call__", self.t5_params, ids(self.tokenizer_2, prompts_2, max_sequence_length))
+            # Rows padded to fill the batch shards; `finish` drops the padding.
+            total = sharding.padded_batch(n * num_images_per_prompt, self.mesh)
+            return tuple(_repeat_rows(a.astype(self.dtype), n, num_images_per_prompt, total) for a in (txt, y))
 
     def free_text_encoders(self) -> None:
         self.clip_params = self.t5_params = None
@@ -222,13 +247,15 @@ class FluxPipeline:
     def _advance(self, i) -> None:
         """Host callback from inside the jitted loop, once per step."""
         if self._bar is not None:
-            self._bar.update(int(i) + 1 - self._bar.n)
+            self._bar.update(max(0, int(i) + 1 - self._bar.n))  # unordered on a mesh: never step back
 
     def _sampler(self, n_steps: int, true_cfg: bool):
         """One jitted function: the whole Euler loop around the transformer (compiled once per shape)."""
         model = self.transformer
 
-        def run(params, x, txt, y, guidance, sigmas, timesteps, pe, cfg_scale, cond, hook_args):
+        def run(params, x, txt, y, guidance, sigmas, timesteps, ids, cfg_scale, cond, hook_args):
+            pe = rope(ids[None], self.cfg.axes_dim, self.cfg.theta)  # one table, broadcast over the batch
+
             def velocity(x, t):
                 img = x.astype(self.dtype)
                 if true_cfg:  # positive and negative branches in one batched forward
@@ -243,7 +270,7 @@ class FluxPipeline:
             hook = None if hook_args is None else (lambda i, x: self.step_hook(i, x, sigmas, hook_args))
             return denoise(velocity, x, sigmas, timesteps, progress=self._advance, step_hook=hook)
 
-        return jax.jit(run)
+        return run
 
     def step_hook(self, i, x, sigmas, hook_args):  # overridden by the inpainting pipeline
         return x
@@ -258,22 +285,29 @@ class FluxPipeline:
         if true_cfg:
             txt, y = jnp.concatenate([txt, neg[0]]), jnp.concatenate([y, neg[1]])
         n = txt.shape[0]
-        guidance = jnp.full((n,), guidance_scale, jnp.float32) if self.cfg.guidance_embed else None
-        ids = [text_ids(txt.shape[1]), img_ids] + ([cond_ids] if cond_ids is not None else [])
-        pe = rope(jnp.asarray(np.concatenate(ids))[None].repeat(n, 0), self.cfg.axes_dim, self.cfg.theta)
+        guidance = np.full((n,), guidance_scale, np.float32) if self.cfg.guidance_embed else None
+        ids = np.concatenate([text_ids(txt.shape[1]), img_ids] + ([cond_ids] if cond_ids is not None else []))
         if cond is not None and true_cfg:
             cond = {k: (jnp.concatenate([v, v]) if hasattr(v, "shape") else v) for k, v in cond.items()}
         n_steps = len(sigmas) - 1
-        args = (self.params, jnp.asarray(latents, jnp.float32), txt, y, guidance, jnp.asarray(sigmas),
-                jnp.asarray(model_timesteps(sigmas, self.dtype)), pe, jnp.float32(true_cfg_scale), cond, hook_args)
+        # Explicit placement: batch over the batch shards, params as loaded, the schedule replicated.
+        batched = lambda tree: jax.tree_util.tree_map(lambda a: sharding.put_batch(self.mesh, a), tree)
+        whole = lambda a: sharding.put(a, sharding.replicated(self.mesh))
+        args = (self.params, batched(jnp.asarray(latents, jnp.float32)), batched(txt), batched(y), batched(guidance),
+                whole(np.asarray(sigmas, np.float32)), whole(model_timesteps(sigmas, self.dtype)), whole(ids),
+                whole(np.float32(true_cfg_scale)), batched(cond), batched(hook_args))
         # One executable per step count, branch structure and input shapes; compile timed apart.
         key = str((n_steps, true_cfg, jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), args[1:])))
         timings = {"compile": 0.0}
         if key not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[key] = self._sampler(n_steps, true_cfg).lower(*args).compile()
+            shardings = jax.tree_util.tree_map(lambda a: a.sharding, args)
+            sampler = jax.jit(self._sampler(n_steps, true_cfg), in_shardings=shardings,
+                              out_shardings=args[1].sharding)
+            with jax.set_mesh(self.mesh):
+                self._compiled[key] = sampler.lower(*args).compile()
             timings["compile"] = time.perf_counter() - t0
-        self._bar = tqdm(total=n_steps, desc="denoising", disable=not progress)
+        self._bar = tqdm(total=n_steps, desc="denoising", disable=not progress or jax.process_index() != 0)
         try:
             t0 = time.perf_counter()
             out = self._compiled[key](*args)
@@ -310,7 +344,7 @@ class FluxPipeline:
         out, t = self.denoise_latents(x, txt, y, sigma_schedule, guidance_scale, image_ids(h_tok, w_tok),
                                       true_cfg_scale, neg, progress=progress)
         timings.update(t)
-        return self.finish(out, height, width, output_type, timings)
+        return self.finish(out, height, width, output_type, timings, batch)
 
     # ------------------------------------------------------------------ shared by the editing pipelines
     def call_settings(self, num_inference_steps: Optional[int], sigmas, guidance_scale: Optional[float],
@@ -338,8 +372,9 @@ class FluxPipeline:
         neg = None
         if true_cfg_scale > 1 and negative_prompt is not None:
             neg_list = _as_list(negative_prompt, "negative_prompt")
-            if len(neg_list) == 1 and txt.shape[0] > num_images_per_prompt:
-                neg_list = neg_list * (txt.shape[0] // num_images_per_prompt)
+            n_prompts = len(_as_list(prompt, "prompt"))
+            if len(neg_list) == 1 and n_prompts > 1:
+                neg_list = neg_list * n_prompts
             neg = self.encode_prompt(neg_list, negative_prompt_2, num_images_per_prompt, max_len)
         if self.reload_text_encoders is not None:
             self.free_text_encoders()
@@ -351,32 +386,46 @@ class FluxPipeline:
             raise PipelineError(f"max_sequence_length must be an integer from 1 to {limit}, got {n!r}")
         return n
 
-    def initial_latents(self, latents, batch: int, seq_len: int, seed: Optional[int]) -> jax.Array:
-        """The packed initial noise: the user's (as diffusers takes it), or drawn from `seed`."""
+    def initial_latents(self, latents, batch: int, seq_len: int, seed) -> jax.Array:
+        """The packed initial noise, on the mesh: the user's (as diffusers takes it), or drawn from `seed`.
+
+        seed: an int (one draw of shape (batch, L, C)), or one int per image, each row then drawn
+        on its own as a batch of one with that seed (batch jobs: an image's noise is independent
+        of its batch). Rows are padded to fill the mesh's batch shards; `finish` drops them.
+        """
         channels = self.cfg.out_channels
         if latents is not None:
-            latents = jnp.asarray(np.asarray(latents), jnp.float32)
+            latents = np.asarray(latents, np.float32)
             if latents.shape != (batch, seq_len, channels):
                 raise PipelineError(f"latents must be packed noise of shape {(batch, seq_len, channels)}, "
                                     f"got {latents.shape}")
-            return latents
-        if seed is not None and not (isinstance(seed, (int, np.integer)) and 0 <= seed < MAX_SEED):
-            # without x64, larger seeds would silently wrap onto others
-            raise PipelineError(f"seed must be an integer from 0 to {MAX_SEED - 1}, got {seed!r}")
-        key = jax.random.PRNGKey(np.random.SeedSequence().entropy % MAX_SEED if seed is None else seed)
-        return jax.random.normal(key, (batch, seq_len, channels), jnp.float32)
+        else:
+            seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+            if len(seeds) not in (1, batch):
+                raise PipelineError(f"seed: give one int, or one per image ({batch}), got {len(seeds)}")
+            for s in seeds:
+                if s is not None and not (isinstance(s, (int, np.integer)) and 0 <= s < MAX_SEED):
+                    # without x64, larger seeds would silently wrap onto others
+                    raise PipelineError(f"seed must be an integer from 0 to {MAX_SEED - 1}, got {s!r}")
+            draw = lambda s, n: np.asarray(jax.random.normal(
+                jax.random.PRNGKey(np.random.SeedSequence().entropy % MAX_SEED if s is None else s),
+                (n, seq_len, channels), jnp.float32))
+            latents = draw(seeds[0], batch) if len(seeds) == 1 else np.concatenate([draw(s, 1) for s in seeds])
+        return sharding.put_batch(self.mesh, pad_rows(latents, sharding.padded_batch(batch, self.mesh)))
 
     def decode(self, latents: jax.Array, height: int, width: int) -> np.ndarray:
-        """Packed latents -> float32 (B, H, W, 3) images in [0, 1]."""
+        """Packed latents -> float32 (B, H, W, 3) images in [0, 1], the whole batch on every process."""
         z = unscale_latents(unpack(latents, height, width), self.vae_cfg).astype(self.dtype)
-        img = jit_apply(self.vae, "decode", self.vae_params, z).astype(jnp.float32)
-        return np.asarray(jnp.clip(img / 2 + 0.5, 0, 1))
+        with jax.set_mesh(self.mesh):
+            img = jit_apply(self.vae, "decode", self.vae_params, z)
+        return np.clip(sharding.to_host(img).astype(np.float32) / 2 + 0.5, 0, 1)
 
-    def finish(self, latents: jax.Array, height: int, width: int, output_type: str, timings: dict):
+    def finish(self, latents: jax.Array, height: int, width: int, output_type: str, timings: dict, batch: int):
+        """The first `batch` rows (the rest pad the mesh's batch shards) as output_type."""
         if output_type == "latent":
-            return FluxPipelineOutput(np.asarray(latents), timings)
+            return FluxPipelineOutput(sharding.to_host(latents)[:batch], timings)
         t0 = time.perf_counter()
-        images = self.decode(latents, height, width)
+        images = self.decode(latents, height, width)[:batch]
         timings["decode"] = time.perf_counter() - t0
         if output_type == "np":
             return FluxPipelineOutput(images, timings)

@@ -14,10 +14,15 @@ a mode the checkpoint cannot run...) gets one `error: ...` line on stderr and ex
 output file. Cheap checks run before the model loads, so a typo costs no loading time; the
 checkpoint's kind is read from its config or safetensors header for that. Written files go to
 stdout, one a line.
+
+Multi-host: --coordinator, --num-processes and --process-id (or a TPU pod / srun step, found
+automatically: see flux_jax.distributed); every process computes the images, process 0 writes them.
+For many prompts, `python -m flux_jax.generate` spreads them over the hosts and resumes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +38,7 @@ from convert import is_converted
 from convert.core import CONFIG_FILE, Reader
 from convert.transformer import BFL_PREFIX, FILL_IN_CHANNELS
 
+from . import distributed
 from .config import PIXELS_PER_TOKEN, FluxConfig, parse_dtype
 from .images import default_size, load_image
 from .img2img import DEFAULT_STRENGTH, FluxImg2ImgPipeline
@@ -64,15 +70,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m flux_jax.sample", description="Generate images with FLUX.1 in JAX.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="PATH",
-                     help=f"FLUX.1 folder (diffusers layout or converted by `python -m convert`); "
-                          f"default: ${MODEL_ENV}, else {HF_REPO} from the Hugging Face cache")
-    src.add_argument("--demo", action="store_true",
-                     help="tiny random-weight model built in-process (no download): its pictures are random noise")
-    p.add_argument("--transformer", metavar="PATH",
-                   help="transformer weights to use instead of the model's: a BFL .safetensors file, "
-                        "a diffusers transformer/ folder or a converted one")
+    add_model_arguments(p)
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="text prompt; repeat for several")
     p.add_argument("--prompt-file", metavar="FILE", help="file with one prompt per non-empty line")
     p.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt (needs --true-cfg above 1)")
@@ -90,10 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".", metavar="PATH",
                    help=f"a .png file (several images: NAME_0.png, NAME_1.png...) or a folder (files {FILE_PATTERN}); "
                         "existing files are replaced (default: the current folder)")
+    add_mode_arguments(p)
+    distributed.add_arguments(p)
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Which model, and how it is held: --model/--demo, --transformer, --dtype, --low-memory (shared with generate)."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="PATH",
+                     help=f"FLUX.1 folder (diffusers layout or converted by `python -m convert`); "
+                          f"default: ${MODEL_ENV}, else {HF_REPO} from the Hugging Face cache")
+    src.add_argument("--demo", action="store_true",
+                     help="tiny random-weight model built in-process (no download): its pictures are random noise")
+    p.add_argument("--transformer", metavar="PATH",
+                   help="transformer weights to use instead of the model's: a BFL .safetensors file, "
+                        "a diffusers transformer/ folder or a converted one")
     p.add_argument("--dtype", metavar="NAME", help="bf16, fp16 or fp32 (default: bf16 on GPU/TPU, fp32 on CPU)")
     p.add_argument("--low-memory", action="store_true", help="free the text encoders while the transformer runs")
-    add_mode_arguments(p)
-    return p
 
 
 # ---------------------------------------------------------------- image modes
@@ -297,17 +309,26 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def check_side(name: str, side: int) -> None:
+    if not PIXELS_PER_TOKEN <= side <= MAX_SIDE:
+        raise BadInput(f"{name} must be from {PIXELS_PER_TOKEN} to {MAX_SIDE} pixels, got {side}")
+
+
+def check_seed(name: str, seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise BadInput(f"{name} must be from 0 to {MAX_SEED}, got {seed}")
+
+
 def check_options(args: argparse.Namespace) -> None:
     for name in ("height", "width"):
-        side = getattr(args, name)
-        if side is not None and not PIXELS_PER_TOKEN <= side <= MAX_SIDE:
-            raise BadInput(f"--{name} must be from {PIXELS_PER_TOKEN} to {MAX_SIDE} pixels, got {side}")
+        if getattr(args, name) is not None:
+            check_side(f"--{name}", getattr(args, name))
     if args.steps is not None and args.steps < 1:
         raise BadInput(f"--steps must be at least 1, got {args.steps}")
     if args.num_images < 1:
         raise BadInput(f"--num-images must be at least 1, got {args.num_images}")
-    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
-        raise BadInput(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
+    if args.seed is not None:
+        check_seed("--seed", args.seed)
     if args.negative_prompt is not None and args.true_cfg <= 1:
         raise BadInput("--negative-prompt is used only with --true-cfg above 1 (e.g. --true-cfg 4)")
     if args.true_cfg > 1 and args.negative_prompt is None:
@@ -391,16 +412,19 @@ def model_label(root: Path, transformer: Optional[str]) -> str:
 
 # ---------------------------------------------------------------- loading, generating, writing
 
-def load_pipeline(args, root: Optional[Path], mode: Mode, dtype) -> tuple[FluxPipeline, str]:
-    """(pipeline, model label) of the model folder `root`, or the demo model; bad model files are bad input."""
+def load_pipeline(args, root: Optional[Path], mode: Mode, dtype, **kw) -> tuple[FluxPipeline, str]:
+    """(pipeline, model label) of the model folder `root`, or the demo model; bad model files are bad input.
+
+    Extra keywords (generate's mesh=) go to make_demo_pipeline / from_pretrained.
+    """
     if root is None:
         from .demo import NOISE_NOTICE, make_demo_pipeline
         print(f"note: {NOISE_NOTICE}", file=sys.stderr)
-        return make_demo_pipeline(mode.demo_variant, cls=mode.pipeline, dtype=dtype), "demo (random weights)"
+        return make_demo_pipeline(mode.demo_variant, cls=mode.pipeline, dtype=dtype, **kw), "demo (random weights)"
     print(f"loading {root}", file=sys.stderr)
     try:
         pipe = mode.pipeline.from_pretrained(root, dtype=dtype, transformer=args.transformer,
-                                             low_memory=args.low_memory)
+                                             low_memory=args.low_memory, **kw)
     except PipelineError as e:
         raise BadInput(str(e)) from None
     except Exception as e:  # corrupt files surface as many types (safetensors, orbax, json, tokenizers)
@@ -422,6 +446,18 @@ def output_paths(out: Path, seed: int, n: int) -> list[Path]:
     if out.suffix.lower() == ".png" and not out.is_dir():
         return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
     return [out / FILE_PATTERN.format(seed=seed, index=i) for i in range(n)]
+
+
+def png_info(prompt: str, seed: int, steps: int, guidance: float, image, label: str, index: int = 0,
+             num_images: int = 1, negative_prompt: Optional[str] = None, true_cfg: float = 1.0,
+             mode_metadata: Optional[dict] = None) -> dict:
+    """The PNG text chunks of an image: what reproduces it with `sample` (shared with generate, whose
+    files are then byte-identical to sample's for the same prompt, seed and settings)."""
+    # seed, index and num_images reproduce an image: each prompt's batch starts from the seed.
+    extra = dict(negative_prompt=negative_prompt, true_cfg=true_cfg) if negative_prompt else {}
+    return dict(prompt=prompt, seed=seed, steps=steps, guidance=guidance, size="%dx%d" % image.size, model=label,
+                index=index, num_images=num_images, software="flux-jax", **extra,
+                **(mode_metadata or {"mode": "text"}))
 
 
 def save_png(image, path: Path, info: dict) -> None:
@@ -447,7 +483,8 @@ def save_png(image, path: Path, info: dict) -> None:
 
 def generate(args, prompts: list[str], out: Path, root: Optional[Path], mode: Mode, dtype) -> None:
     """Load the model (the demo one if `root` is None), run every prompt, write the PNGs, print timings."""
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    # A drawn seed is process 0's on every process of a multi-host job: they compute one batch together.
+    seed = args.seed if args.seed is not None else distributed.from_main(int.from_bytes(os.urandom(4), "little"))
     paths = iter(output_paths(out, seed, len(prompts) * args.num_images))
     print(f"seed: {seed}", file=sys.stderr)
     t0 = time.perf_counter()
@@ -459,7 +496,7 @@ def generate(args, prompts: list[str], out: Path, root: Optional[Path], mode: Mo
     defaults = DEFAULTS[pipe.variant]
     steps = kw["num_inference_steps"] or defaults["num_inference_steps"]
     guidance = defaults["guidance_scale"] if kw["guidance_scale"] is None else kw["guidance_scale"]
-    extra = dict(negative_prompt=args.negative_prompt, true_cfg=args.true_cfg) if args.negative_prompt else {}
+    main_process = distributed.is_main()  # in a multi-host job every process has every image: one writes
     totals: dict[str, float] = {}
     for prompt in prompts:
         try:
@@ -469,13 +506,12 @@ def generate(args, prompts: list[str], out: Path, root: Optional[Path], mode: Mo
         for key, value in result.timings.items():
             totals[key] = totals.get(key, 0.0) + value
         for j, image in enumerate(result.images):
-            # seed, index and num_images reproduce an image: each prompt's batch starts from the seed.
-            info = dict(prompt=prompt, seed=seed, steps=steps, guidance=guidance, size="%dx%d" % image.size,
-                        model=label, index=j, num_images=args.num_images, software="flux-jax",
-                        **extra, **mode.metadata)
+            info = png_info(prompt, seed, steps, guidance, image, label, j, args.num_images, args.negative_prompt,
+                            args.true_cfg, mode.metadata)
             path = next(paths)
-            save_png(image, path, info)
-            print(path)
+            if main_process:
+                save_png(image, path, info)
+                print(path)
     t = lambda key: totals.get(key, 0.0)
     image = f"image encoding {t('encode_image'):.1f} s, " if "encode_image" in totals else ""
     print(f"compile {t('compile'):.1f} s, sampling {t('sample'):.1f} s (load {load_s:.1f} s, "
@@ -483,28 +519,37 @@ def generate(args, prompts: list[str], out: Path, root: Optional[Path], mode: Mo
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {_one_line(message)}", file=sys.stderr)
+    print(f"warning: {one_line(message)}", file=sys.stderr)
 
 
-def _one_line(message) -> str:
+def one_line(message) -> str:
     return re.sub(r"\s*\n\s*", " ", str(message)).strip()
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Warnings as one `warning: ...` line each on stderr, every distinct one shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # also resets which warnings were already shown
+        warnings.showwarning = _one_line_warning
+        yield
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")  # also resets which warnings were already shown
-            warnings.showwarning = _one_line_warning
+        with one_line_warnings():
             args = build_parser().parse_args(argv)
-            # Everything cheap is checked before the model loads.
+            # Everything cheap is checked before the model loads, and before other hosts are waited for.
+            distributed.check_arguments(args)
             prompts = read_prompts(args)
             check_options(args)
             out = check_out(args.out)
             root = None if args.demo else resolve_model(args)
             mode = select_mode(args, root)
+            distributed.initialize(args)  # JAX devices are touched from here on (check_dtype asks the backend)
             generate(args, prompts, out, root, mode, check_dtype(args.dtype))
-    except BadInput as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+    except (BadInput, distributed.DistributedError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0

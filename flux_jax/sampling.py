@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flux_jax.config import LATENT_CHANNELS, PATCH, PIXELS_PER_TOKEN, TIME_FACTOR
+from flux_jax.sharding import current_mesh_shape
 
 # FLUX.1-dev scheduler_config.json (schnell uses no shift at all).
 BASE_SEQ_LEN = 256
@@ -137,6 +138,7 @@ def denoise(velocity_fn: VelocityFn, x: jax.Array, sigmas: jax.Array, timesteps:
     sigmas = jnp.asarray(sigmas, jnp.float32)
     timesteps = jnp.asarray(timesteps)
     batch = x.shape[0]
+    multi_device = math.prod(current_mesh_shape().values() or [1]) > 1
 
     def body(i, x):
         t = jnp.broadcast_to(timesteps[i], (batch,))
@@ -145,7 +147,8 @@ def denoise(velocity_fn: VelocityFn, x: jax.Array, sigmas: jax.Array, timesteps:
         if step_hook is not None:
             x = step_hook(i, x)
         if progress is not None:
-            jax.debug.callback(progress, i, ordered=True)
+            # Ordered effects exist on one device only; on a mesh the bar just tolerates reordering.
+            jax.debug.callback(progress, i, ordered=not multi_device)
         return x
 
     return jax.lax.fori_loop(0, num_steps, body, jnp.asarray(x, jnp.float32))

@@ -18,6 +18,9 @@ import numpy as np
 
 from .config import T5Config
 from .layers import Linear, RMSNorm
+from .sharding import constrain
+
+TOKENS = ("batch", "length", None)  # logical axes of (B, L, d_model) activations
 
 EMBED_STDDEV = 1.0  # init of the token and bias tables (random use only; converted weights replace it)
 
@@ -61,7 +64,7 @@ class T5Layer(nn.Module):
         h = RMSNorm(dt, cfg.layer_norm_eps, name="ffn_norm")(x)
         gate, up = jnp.split(Linear(2 * cfg.d_ff, use_bias=False, param_dtype=dt, name="wi")(h), 2, axis=-1)
         h = jax.nn.gelu(gate, approximate=True) * up  # gelu_new: the tanh approximation
-        return x + Linear(cfg.d_model, use_bias=False, param_dtype=dt, name="wo")(h), None
+        return constrain(x + Linear(cfg.d_model, use_bias=False, param_dtype=dt, name="wo")(h), TOKENS), None
 
 
 class T5Encoder(nn.Module):
@@ -79,7 +82,7 @@ class T5Encoder(nn.Module):
         buckets = relative_position_buckets(n, cfg.relative_attention_num_buckets,
                                             cfg.relative_attention_max_distance)
         bias = jnp.transpose(table.astype(jnp.float32)[buckets], (2, 0, 1))[None]  # (1, heads, L, L)
-        x = jnp.take(tokens, input_ids, axis=0).astype(jnp.float32)
+        x = constrain(jnp.take(tokens, input_ids, axis=0).astype(jnp.float32), TOKENS)
         layers = nn.scan(T5Layer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=nn.broadcast, length=cfg.num_layers)
         x, _ = layers(cfg, dt, name="layers")(x, bias)

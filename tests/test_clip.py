@@ -114,7 +114,7 @@ def test_checkpoint_round_trip(legacy, tmp_path):
     model, folder = legacy
     params, cfg = convert_clip(folder)
     save_checkpoint(tmp_path / "clip", params, cfg.to_dict())
-    loaded, config = load_checkpoint(tmp_path / "clip")
+    loaded, config = load_checkpoint(tmp_path / "clip", stacked=True)
     assert CLIPConfig.from_dict(config) == cfg
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
 

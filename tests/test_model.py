@@ -104,7 +104,7 @@ def test_orbax_round_trip_and_bf16(tmp_path):
     model = diffusers_transformer(cfg, seed=2)
     params, _ = convert_transformer(diffusers_folder(tmp_path, model))
     save_checkpoint(tmp_path / "ckpt", params, {"config": cfg.to_dict()})
-    restored, meta = load_checkpoint(tmp_path / "ckpt")
+    restored, meta = load_checkpoint(tmp_path / "ckpt", stacked=True)
     assert FluxConfig.from_dict(meta["config"]) == cfg
     x = make_inputs(cfg, 4, 3)
     ref = reference(model, x)

@@ -115,7 +115,7 @@ def test_embed_tokens_name(tiny, tiny_ids, tmp_path):
 def test_checkpoint_round_trip(tiny, tmp_path):
     params, cfg = convert_t5(tiny[1])
     save_checkpoint(tmp_path / "t5", params, cfg.to_dict())
-    loaded, config = load_checkpoint(tmp_path / "t5")
+    loaded, config = load_checkpoint(tmp_path / "t5", stacked=True)
     assert T5Config.from_dict(config) == cfg
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
 

@@ -18,18 +18,6 @@ from flux_jax.config import TINY
 from torch_ref import diffusers_to_bfl, diffusers_transformer
 
 
-@pytest.fixture(scope="module")
-def tiny_state():
-    return diffusers_transformer(TINY, seed=5).state_dict()
-
-
-@pytest.fixture
-def bfl_file(tmp_path, tiny_state):
-    path = tmp_path / "flux1-tiny.safetensors"
-    save_file(diffusers_to_bfl(tiny_state, TINY), path)
-    return path
-
-
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "convert", *map(str, args)], capture_output=True, text=True)
 
@@ -97,10 +85,3 @@ def test_cli_round_trip_keeps_bf16(tmp_path, tiny_state):
     assert run_cli(tmp_path / "transformer", tmp_path / "ckpt32", "--dtype", "fp32").returncode == 0
     assert load_component(tmp_path / "ckpt32")[0]["img_in"]["kernel"].dtype == np.float32
 
-
-def test_disk_backed_conversion_matches(tmp_path, bfl_file):
-    a, _ = convert_transformer(bfl_file, axes_dim=TINY.axes_dim)
-    b, _ = convert_transformer(bfl_file, axes_dim=TINY.axes_dim, scratch=tmp_path / "scratch")
-    np.testing.assert_array_equal(a["double_blocks"]["img_attn"]["qkv"]["kernel"],
-                                  b["double_blocks"]["img_attn"]["qkv"]["kernel"])
-    assert isinstance(b["double_blocks"]["img_attn"]["qkv"]["kernel"], np.memmap)
