@@ -122,15 +122,20 @@ def job_table(args) -> list[str]:
     work = Path(tempfile.mkdtemp(prefix="flux_scaling."))
     prompts = work / "prompts.txt"
     write_prompts(prompts, n_prompts)
-    rows = []
+    rows, same_batch = [], {}
     try:
         for n in counts:
             for axis in axes if n > 1 else axes[:1]:  # on one device every mesh is the same
                 rows.append(run_job(args, n, f"{axis}={n}", n * args.per_device, prompts, work))
+            if n == 1:
+                same_batch[args.per_device] = rows[-1]["images_per_s"]
+        if args.same_batch:  # one device at each larger global batch: what batching alone gives
+            for batch in sorted({r["batch"] for r in rows} - set(same_batch)):
+                same_batch[batch] = run_job(args, 1, "data=1", batch, prompts, work)["images_per_s"]
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    base = next((r["images_per_s"] for r in rows if r["devices"] == 1), None)
+    base = same_batch.get(args.per_device)
 
     lines = []
     if args.platform == "cpu":
@@ -139,12 +144,18 @@ def job_table(args) -> list[str]:
               f"{n_prompts} prompts, {args.size}x{args.size}, {args.steps} steps, {args.per_device} images a device "
               f"a batch; images/s from manifest.jsonl over the batches after the first {args.warmup} "
               f"(compilation and model loading not counted)", "",
-              "| devices | mesh | batch | images/s | speed-up vs 1 device | timed images | first batch s | job wall s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| devices | mesh | batch | images/s | speed-up vs 1 device | 1 device, same batch: images/s "
+              "| speed-up vs it | timed images | first batch s | job wall s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         speedup = f"{r['images_per_s'] / base:.2f}" if base else "n/a"
+        same = same_batch.get(r["batch"])
+        same_text = (f"{same:.2f} | {r['images_per_s'] / same:.2f}" if same else "n/a | n/a")
         lines.append(f"| {r['devices']} | {r['mesh']} | {r['batch']} | {r['images_per_s']:.2f} | {speedup} | "
-                     f"{r['timed']} | {r['first_batch_s']:.1f} | {r['wall_s']:.1f} |")
+                     f"{same_text} | {r['timed']} | {r['first_batch_s']:.1f} | {r['wall_s']:.1f} |")
+    lines += ["", f"speed-up vs 1 device: against 1 device at batch {args.per_device} (the same images a device); "
+                  "vs 1 device, same batch: against 1 device computing the whole global batch (batching alone)",
+              "load average (1, 5, 15 min) after the runs: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())]
     return lines
 
 
@@ -331,6 +342,8 @@ def main() -> int:
     ap.add_argument("--job-args", default="", metavar="ARGS", help="more arguments for flux_jax.generate")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds one job may take")
     ap.add_argument("--keep", action="store_true", help="keep the prompt file and the images")
+    ap.add_argument("--no-same-batch", dest="same_batch", action="store_false",
+                    help="skip the 1-device runs at each larger global batch")
     ap.add_argument("--no-job", action="store_true", help="skip the batch job (e.g. with --gpu or --convert-rss)")
 
     ap.add_argument("--convert-rss", action="store_true",
@@ -358,13 +371,14 @@ def main() -> int:
 
     date = datetime.date.today().isoformat()
     print(f"# scaling, {date}, {platform.node()}: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, python {platform.python_version()}")
+          f"{os.cpu_count()} cores, python {platform.python_version()}; load average before: "
+          + ", ".join(f"{x:.1f}" for x in os.getloadavg()), flush=True)
     if not (args.gpu or args.no_job):
         print()
-        print("\n".join(job_table(args)))
+        print("\n".join(job_table(args)), flush=True)
     if args.convert_rss:
         print()
-        print("\n".join(convert_rss(args)))
+        print("\n".join(convert_rss(args)), flush=True)
     if args.gpu:
         print()
         print("\n".join(forward_table(args)))
