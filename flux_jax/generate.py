@@ -42,7 +42,7 @@ from . import distributed
 from .pipeline import DEFAULTS, PipelineError
 from .sample import (DEMO_DEFAULTS, EXIT_BAD_INPUT, IMAGE_SUFFIXES, BadInput, Mode, _Parser,
                      add_model_arguments, check_checkpoint, check_dtype, check_out, check_seed, check_side,
-                     is_fill_model, load_pipeline, one_line, one_line_warnings, png_info, resolve_model,
+                     is_fill_model, load_pipeline, png_info, resolve_model, run_cli,
                      save_png, transformer_source)
 
 MANIFEST = "manifest.jsonl"
@@ -366,44 +366,40 @@ def run(args, todo: list[Item], out: Path, manifest: Manifest, root: Optional[Pa
     return written
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        with one_line_warnings():
-            args = build_parser().parse_args(argv)
-            # Everything that needs no device is checked before joining the other hosts.
-            distributed.check_arguments(args)
-            check_options(args)
-            items = read_items(args)
-            out = check_out_dir(args.out)
-            root = None if args.demo else resolve_model(args)
-            if root is not None:  # generate is text-to-image: a Fill checkpoint cannot run it
-                check_checkpoint("text", is_fill_model(args, root), transformer_source(args, root))
-            manifest = Manifest(out / MANIFEST)
-            manifest.check(items)
-            distributed.initialize(args)  # JAX devices are touched from here on
-            mesh, batch_size = job_mesh(args)
-            dtype = check_dtype(args.dtype)
+def _job(argv: Optional[list[str]]) -> None:
+    args = build_parser().parse_args(argv)
+    # Everything that needs no device is checked before joining the other hosts.
+    distributed.check_arguments(args)
+    check_options(args)
+    items = read_items(args)
+    out = check_out_dir(args.out)
+    root = None if args.demo else resolve_model(args)
+    if root is not None:  # generate is text-to-image: a Fill checkpoint cannot run it
+        check_checkpoint("text", is_fill_model(args, root), transformer_source(args, root))
+    manifest = Manifest(out / MANIFEST)
+    manifest.check(items)
+    distributed.initialize(args)  # JAX devices are touched from here on
+    mesh, batch_size = job_mesh(args)
+    dtype = check_dtype(args.dtype)
 
-            t0 = time.perf_counter()
-            seen = existing_images(out, items)
-            catch_up(manifest, items, seen)
-            todo = [item for item in items if not seen[:, item.index].any()]
-            say = (lambda message: print(message, file=sys.stderr)) if distributed.is_main() else (lambda _: None)
-            if not todo:
-                say(f"all {len(items)} images are in {out} already: nothing to do")
-                return 0
-            say(f"{len(todo)} of {len(items)} images to make ({len(items) - len(todo)} in {out} already), "
-                f"batches of {batch_size} on {mesh.devices.size} devices (mesh {mesh_text(mesh)})")
-            written = run(args, todo, out, manifest, root, mesh, batch_size, dtype)
-            seconds = time.perf_counter() - t0
-            say(f"{len(todo)} images in {seconds:.1f} s ({len(todo) / seconds:.2f} img/s, model loading included)")
-            print(f"process {jax.process_index()}: wrote {written} images", file=sys.stderr)
-    except (BadInput, distributed.DistributedError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else 0
-    return 0
+    t0 = time.perf_counter()
+    seen = existing_images(out, items)
+    catch_up(manifest, items, seen)
+    todo = [item for item in items if not seen[:, item.index].any()]
+    say = (lambda message: print(message, file=sys.stderr)) if distributed.is_main() else (lambda _: None)
+    if not todo:
+        say(f"all {len(items)} images are in {out} already: nothing to do")
+        return
+    say(f"{len(todo)} of {len(items)} images to make ({len(items) - len(todo)} in {out} already), "
+        f"batches of {batch_size} on {mesh.devices.size} devices (mesh {mesh_text(mesh)})")
+    written = run(args, todo, out, manifest, root, mesh, batch_size, dtype)
+    seconds = time.perf_counter() - t0
+    say(f"{len(todo)} images in {seconds:.1f} s ({len(todo) / seconds:.2f} img/s, model loading included)")
+    print(f"process {jax.process_index()}: wrote {written} images", file=sys.stderr)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_cli(lambda: _job(argv))
 
 
 if __name__ == "__main__":

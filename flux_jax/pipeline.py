@@ -139,11 +139,9 @@ class FluxPipeline:
                  reload_text_encoders: Optional[Callable[[], tuple]] = None, name: str = "flux", mesh=None):
         # Every model on the mesh (default: all devices on the data axis); loaded params already are.
         self.mesh = sharding.make_mesh() if mesh is None else mesh
-        put = functools.partial(sharding.put_params, self.mesh)
-        (self.params, self.cfg), (self.clip_params, self.clip_cfg) = (put(transformer[0]), transformer[1]), \
-            (put(text_encoder[0]), text_encoder[1])
-        (self.t5_params, self.t5_cfg), (self.vae_params, self.vae_cfg) = (put(text_encoder_2[0]), text_encoder_2[1]), \
-            (put(vae[0]), vae[1])
+        place = lambda part: (sharding.put_params(self.mesh, part[0]), part[1])
+        (self.params, self.cfg), (self.clip_params, self.clip_cfg) = place(transformer), place(text_encoder)
+        (self.t5_params, self.t5_cfg), (self.vae_params, self.vae_cfg) = place(text_encoder_2), place(vae)
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.dynamic_shift, self.static_shift = dynamic_shift, static_shift
         self.dtype = jax.tree_util.tree_leaves(self.params)[0].dtype if dtype is None else jnp.dtype(dtype)

@@ -32,7 +32,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from convert import is_converted
 from convert.core import CONFIG_FILE, Reader
@@ -535,25 +535,34 @@ def one_line_warnings():
         yield
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def run_cli(body: Callable[[], object]) -> int:
+    """A CLI's exit code: 0, or 2 with one `error:` line for bad input; warnings one line each."""
     try:
         with one_line_warnings():
-            args = build_parser().parse_args(argv)
-            # Everything cheap is checked before the model loads, and before other hosts are waited for.
-            distributed.check_arguments(args)
-            prompts = read_prompts(args)
-            check_options(args)
-            out = check_out(args.out)
-            root = None if args.demo else resolve_model(args)
-            mode = select_mode(args, root)
-            distributed.initialize(args)  # JAX devices are touched from here on (check_dtype asks the backend)
-            generate(args, prompts, out, root, mode, check_dtype(args.dtype))
+            body()
     except (BadInput, distributed.DistributedError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     return 0
+
+
+def _sample(argv: Optional[list[str]]) -> None:
+    args = build_parser().parse_args(argv)
+    # Everything cheap is checked before the model loads, and before other hosts are waited for.
+    distributed.check_arguments(args)
+    prompts = read_prompts(args)
+    check_options(args)
+    out = check_out(args.out)
+    root = None if args.demo else resolve_model(args)
+    mode = select_mode(args, root)
+    distributed.initialize(args)  # JAX devices are touched from here on (check_dtype asks the backend)
+    generate(args, prompts, out, root, mode, check_dtype(args.dtype))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_cli(lambda: _sample(argv))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flux_jax.config import LATENT_CHANNELS, PATCH, PIXELS_PER_TOKEN, TIME_FACTOR
-from flux_jax.sharding import current_mesh_shape
+from flux_jax.sharding import on_mesh
 
 # FLUX.1-dev scheduler_config.json (schnell uses no shift at all).
 BASE_SEQ_LEN = 256
@@ -138,7 +138,7 @@ def denoise(velocity_fn: VelocityFn, x: jax.Array, sigmas: jax.Array, timesteps:
     sigmas = jnp.asarray(sigmas, jnp.float32)
     timesteps = jnp.asarray(timesteps)
     batch = x.shape[0]
-    multi_device = math.prod(current_mesh_shape().values() or [1]) > 1
+    multi_device = on_mesh()
 
     def body(i, x):
         t = jnp.broadcast_to(timesteps[i], (batch,))

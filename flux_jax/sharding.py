@@ -21,7 +21,6 @@ import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -215,9 +214,7 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
 
     Arrays already on the mesh are resharded by JAX instead (no host round trip).
     """
-    if isinstance(x, jax.Array) and x.is_fully_addressable is False:
-        return jax.device_put(x, sharding) if x.sharding != sharding else x
-    if isinstance(x, jax.Array) and jax.process_count() == 1:
+    if isinstance(x, jax.Array) and (not x.is_fully_addressable or jax.process_count() == 1):
         return jax.device_put(x, sharding)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
@@ -269,12 +266,16 @@ def current_mesh_shape() -> dict[str, int]:
     return {} if mesh.empty else dict(mesh.shape)
 
 
+def on_mesh() -> bool:
+    """Whether a mesh of more than one device is set (else sharding annotations are no-ops)."""
+    return math.prod(current_mesh_shape().values()) > 1
+
+
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
     """Pin an activation's sharding by logical axis names; a no-op without a (multi-device) mesh."""
-    shape = current_mesh_shape()
-    if math.prod(shape.values() or [1]) == 1:
+    if not on_mesh():
         return x
-    return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, shape))
+    return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, current_mesh_shape()))
 
 
 _warned: set = set()
@@ -287,9 +288,9 @@ def sharded_attention(attend: Callable, q: jax.Array, k: jax.Array, v: jax.Array
     L/s tokens of every head and swaps them (all-to-all) for all L tokens of H/s heads: Ulysses
     sequence parallelism; attention itself then needs no communication.
     """
-    shape = current_mesh_shape()
-    if math.prod(shape.values() or [1]) == 1:
+    if not on_mesh():
         return attend(q, k, v, pe)
+    shape = current_mesh_shape()
     b, length, heads, _ = q.shape
     spec = logical_spec(("batch", "length", "act_heads", None), q.shape, shape)
     seq = shape.get("sequence", 1)
