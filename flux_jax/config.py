@@ -14,6 +14,9 @@ TIME_EMBED_DIM = 256  # sinusoidal embedding width of timestep and guidance
 TIME_FACTOR = 1000.0  # timesteps and guidance arrive in [0, 1] / natural units; BFL embeds t·1000
 
 
+REMAT_CHOICES = ("none", "dots", "full")
+
+
 class _Config:
     """replace / to_dict / from_dict for the frozen config dataclasses below."""
 
@@ -44,7 +47,10 @@ class FluxConfig(_Config):
     theta: int = 10_000
     qkv_bias: bool = True
     guidance_embed: bool = True
-    remat: bool = False  # recompute block activations in the backward pass (training)
+    # Training memory: what the backward pass recomputes of each block. "none": keep every
+    # activation; "dots": keep linear-layer outputs, recompute the rest; "full": keep only the
+    # block's inputs (least memory, about one more forward).
+    remat: str = "none"
     # True: each block stack is one nn.scan over params with a leading layer axis (compiles one
     # block). False: blocks unrolled with per-layer params (see model.unstack_layers): longer
     # compile, but XLA no longer copies each layer's weights out of the stack on GPU.
@@ -55,6 +61,10 @@ class FluxConfig(_Config):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.head_dim}")
+        if isinstance(self.remat, bool):  # configs saved before remat policies: False / True
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
         object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
 
     @property

@@ -131,3 +131,11 @@ def from_main(value: int) -> int:
         return value
     from jax.experimental import multihost_utils
     return int(multihost_utils.broadcast_one_to_all(np.uint32(value)))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (a no-op with one process)."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

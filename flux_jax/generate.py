@@ -40,7 +40,7 @@ import jax
 
 from . import distributed
 from .pipeline import DEFAULTS, PipelineError
-from .sample import (DEMO_DEFAULTS, EXIT_BAD_INPUT, IMAGE_SUFFIXES, BadInput, Mode, _Parser,
+from .sample import (DEMO_DEFAULTS, EXIT_BAD_INPUT, IMAGE_SUFFIXES, BadInput, Mode, _Parser, add_lora_argument,
                      add_model_arguments, check_checkpoint, check_dtype, check_out, check_seed, check_side,
                      is_fill_model, load_pipeline, png_info, resolve_model, run_cli,
                      save_png, transformer_source)
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per step of the job, over all hosts: a multiple of the mesh's data x fsdp "
                         "(default: data x fsdp, one image per batch shard)")
     add_model_arguments(p)
+    add_lora_argument(p)
     for side in ("height", "width"):
         p.add_argument(f"--{side}", type=int, metavar="PX",
                        help="pixels, a multiple of 16, for lines that give none (default 1024; demo 256)")

@@ -16,12 +16,18 @@ import jax.numpy as jnp
 from .config import TIME_EMBED_DIM, TIME_FACTOR
 from .sharding import sharded_attention
 
+LORA, LORA_SCALE = "lora", "lora_scale"  # variable collections of LoRA adapters (see flux_jax/lora.py)
+
 NORM_EPS = 1e-6
 Init = Callable[..., jax.Array]
 
 
 class Linear(nn.Module):
-    """y = x @ kernel + bias, computed in the kernel's dtype (kernel is (in, out), as Flax's Dense)."""
+    """y = x @ kernel + bias, computed in the kernel's dtype (kernel is (in, out), as Flax's Dense).
+
+    With a LoRA adapter in the variables (collections LORA: a (in, r), b (r, out); LORA_SCALE:
+    s (r,), one scale per rank column), adds the side branch ((x @ a) · s) @ b.
+    """
     features: int
     use_bias: bool = True
     param_dtype: jnp.dtype = jnp.float32
@@ -30,7 +36,11 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(kernel.dtype), kernel)
+        x = x.astype(kernel.dtype)
+        y = jnp.dot(x, kernel)
+        if self.has_variable(LORA, "a"):
+            a, b = (self.get_variable(LORA, n).astype(kernel.dtype) for n in ("a", "b"))
+            y = y + jnp.dot(jnp.dot(x, a) * self.get_variable(LORA_SCALE, "s").astype(kernel.dtype), b)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         return y

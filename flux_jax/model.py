@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from .config import FluxConfig
 from .sharding import constrain
-from .layers import Linear, MLPEmbedder, Modulation, RMSNorm, attention, layer_norm, modulate, rope, timestep_embedding
+from .layers import LORA, LORA_SCALE, Linear, MLPEmbedder, Modulation, RMSNorm, attention, layer_norm, modulate, rope, timestep_embedding
 
 N_MOD_DOUBLE = 6  # shift, scale, gate for attention, then for the MLP
 N_MOD_SINGLE = 3  # shift, scale, gate
@@ -116,19 +116,28 @@ class SingleBlock(nn.Module):
         return constrain(x + gate * out, TOKENS), None
 
 
+# What the backward pass keeps of a block's forward (the rest is recomputed): see FluxConfig.remat.
+REMAT_POLICIES = {"full": None,  # nothing but the block's inputs
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}  # linear-layer outputs
+
+
+def _remat(block: type[nn.Module], cfg: FluxConfig) -> type[nn.Module]:
+    if cfg.remat == "none":
+        return block
+    return nn.remat(block, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
+
+
 def _stack(block: type[nn.Module], cfg: FluxConfig, n: int) -> type[nn.Module]:
-    """Run `n` copies of `block` as one scanned block over params with a leading layer axis."""
-    if cfg.remat:
-        block = nn.remat(block, prevent_cse=False)
-    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast, nn.broadcast), length=n)
+    """Run `n` copies of `block` as one scanned block over params (and LoRA adapters) with a leading layer axis."""
+    return nn.scan(_remat(block, cfg), variable_axes={"params": 0, LORA: 0, LORA_SCALE: 0},
+                   split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast), length=n)
 
 
 def _run_blocks(block: type[nn.Module], cfg: FluxConfig, pd, n: int, name: str, carry, vec, pe):
     """n blocks over `carry`: one scanned module (params stacked), or n modules named name_0..name_{n-1}."""
     if cfg.scan_layers:
         return _stack(block, cfg, n)(cfg, pd, name=name)(carry, vec, pe)[0]
-    cls = nn.remat(block, prevent_cse=False) if cfg.remat else block
+    cls = _remat(block, cfg)
     for i in range(n):
         carry, _ = cls(cfg, pd, name=f"{name}_{i}")(carry, vec, pe)
     return carry

@@ -7,6 +7,7 @@ Loads a diffusers-layout folder (converting on the fly) or a folder written by `
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,6 +27,7 @@ from .clip import CLIPTextEncoder
 from .config import CLIPConfig, FluxConfig, PIXELS_PER_TOKEN, T5Config, VAEConfig, VAE_DOWNSAMPLE, parse_dtype
 from .layers import rope
 from .loading import LoadError, load_component
+from .lora import LoraMixin
 from .model import Flux
 from .sampling import cfg_velocity, denoise, get_schedule, image_ids, model_timesteps, text_ids, unpack
 from .t5 import T5Encoder
@@ -130,8 +132,8 @@ def _scheduler_shift(root: Path, cfg: FluxConfig) -> tuple[bool, float]:
     return bool(dynamic), float(d.get("shift", 1.0))
 
 
-class FluxPipeline:
-    """Text-to-image. Components are Flax modules with their params as plain dicts."""
+class FluxPipeline(LoraMixin):
+    """Text-to-image. Components are Flax modules with their params as plain dicts; LoRA methods as diffusers'."""
 
     def __init__(self, transformer: tuple[dict, FluxConfig], text_encoder: tuple[dict, CLIPConfig],
                  text_encoder_2: tuple[dict, T5Config], vae: tuple[dict, VAEConfig], tokenizer, tokenizer_2,
@@ -146,6 +148,7 @@ class FluxPipeline:
         self.dynamic_shift, self.static_shift = dynamic_shift, static_shift
         self.dtype = jax.tree_util.tree_leaves(self.params)[0].dtype if dtype is None else jnp.dtype(dtype)
         self.reload_text_encoders = reload_text_encoders  # set when low_memory frees them after each use
+        self.remembered: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # see remember_prompts
         self.name = name
         self.transformer = Flux(self.cfg, self.dtype)  # cfg.scan_layers says how self.params are laid out
         self.vae = AutoencoderKL(self.vae_cfg, self.dtype)
@@ -204,9 +207,17 @@ class FluxPipeline:
         prompts_2 = _as_list(prompt_2, "prompt_2") or prompts
         if len(prompts_2) != len(prompts):
             raise PipelineError(f"prompt_2 has {len(prompts_2)} entries, prompt has {len(prompts)}")
-        if self.clip_params is None:
-            (self.clip_params, _), (self.t5_params, _) = self.reload_text_encoders()
         n = len(prompts)
+        keys = [(p, p2, max_sequence_length) for p, p2 in zip(prompts, prompts_2)]
+        if all(k in self.remembered for k in keys):
+            rows = [np.concatenate([self.remembered[k][i] for k in keys]) for i in (0, 1)]
+            total = sharding.padded_batch(n * num_images_per_prompt, self.mesh)
+            return tuple(sharding.put_batch(self.mesh, pad_rows(np.repeat(r, num_images_per_prompt, axis=0), total))
+                         for r in rows)
+        if self.clip_params is None:
+            if self.reload_text_encoders is None:
+                raise PipelineError("the text encoders were freed: encode prompts with remember_prompts() first")
+            (self.clip_params, _), (self.t5_params, _) = self.reload_text_encoders()
         ids = lambda tok, p, length: sharding.put_batch(
             self.mesh, pad_rows(self._tokenize(tok, p, length), sharding.padded_batch(n, self.mesh)))
         with jax.set_mesh(self.mesh):
@@ -218,6 +229,25 @@ class FluxPipeline:
 
     def free_text_encoders(self) -> None:
         self.clip_params = self.t5_params = None
+
+    @contextlib.contextmanager
+    def using_variables(self, variables: dict):
+        """Within the block, the transformer runs with `variables` ({"params"[, "lora", "lora_scale"]}),
+        e.g. the weights of a training run, without copying them into the pipeline."""
+        saved = self.params, self.lora_state.variables
+        self.params = variables["params"]
+        self.lora_state.variables = {k: v for k, v in variables.items() if k != "params"}
+        try:
+            yield self
+        finally:
+            self.params, self.lora_state.variables = saved
+
+    def remember_prompts(self, prompts: Sequence[str], max_sequence_length: int = 512) -> None:
+        """Encode `prompts` now and keep their embeddings (on the host), so they can be sampled after
+        free_text_encoders() (training keeps T5 out of memory this way)."""
+        txt, y = (sharding.to_host(a) for a in self.encode_prompt(list(prompts), max_sequence_length=max_sequence_length))
+        for i, p in enumerate(prompts):
+            self.remembered[(p, p, max_sequence_length)] = (txt[i:i + 1], y[i:i + 1])
 
     # ------------------------------------------------------------------ sizes and schedule
     def check_size(self, height: int, width: int) -> tuple[int, int]:
@@ -251,7 +281,7 @@ class FluxPipeline:
         """One jitted function: the whole Euler loop around the transformer (compiled once per shape)."""
         model = self.transformer
 
-        def run(params, x, txt, y, guidance, sigmas, timesteps, ids, cfg_scale, cond, hook_args):
+        def run(params, lora, x, txt, y, guidance, sigmas, timesteps, ids, cfg_scale, cond, hook_args):
             pe = rope(ids[None], self.cfg.axes_dim, self.cfg.theta)  # one table, broadcast over the batch
 
             def velocity(x, t):
@@ -259,7 +289,7 @@ class FluxPipeline:
                 if true_cfg:  # positive and negative branches in one batched forward
                     img, t = jnp.concatenate([img, img]), jnp.concatenate([t, t])
                 kw = {} if cond is None else cond
-                v = model.apply({"params": params}, img, None, txt, None, t, y, guidance, pe=pe, **kw)
+                v = model.apply({"params": params, **lora}, img, None, txt, None, t, y, guidance, pe=pe, **kw)
                 if true_cfg:
                     v_pos, v_neg = jnp.split(v.astype(jnp.float32), 2)
                     return cfg_velocity(v_pos, v_neg, cfg_scale)
@@ -291,7 +321,9 @@ class FluxPipeline:
         # Explicit placement: batch over the batch shards, params as loaded, the schedule replicated.
         batched = lambda tree: jax.tree_util.tree_map(lambda a: sharding.put_batch(self.mesh, a), tree)
         whole = lambda a: sharding.put(a, sharding.replicated(self.mesh))
-        args = (self.params, batched(jnp.asarray(latents, jnp.float32)), batched(txt), batched(y), batched(guidance),
+        # LoRA side branch (see LoraMixin): its shapes are in the key below, its weights are not.
+        args = (self.params, self.lora_variables, batched(jnp.asarray(latents, jnp.float32)), batched(txt),
+                batched(y), batched(guidance),
                 whole(np.asarray(sigmas, np.float32)), whole(model_timesteps(sigmas, self.dtype)), whole(ids),
                 whole(np.float32(true_cfg_scale)), batched(cond), batched(hook_args))
         # One executable per step count, branch structure and input shapes; compile timed apart.
@@ -301,7 +333,7 @@ class FluxPipeline:
             t0 = time.perf_counter()
             shardings = jax.tree_util.tree_map(lambda a: a.sharding, args)
             sampler = jax.jit(self._sampler(n_steps, true_cfg), in_shardings=shardings,
-                              out_shardings=args[1].sharding)
+                              out_shardings=args[2].sharding)
             with jax.set_mesh(self.mesh):
                 self._compiled[key] = sampler.lower(*args).compile()
             timings["compile"] = time.perf_counter() - t0

@@ -5,6 +5,7 @@
     python -m flux_jax.sample --model FLUX.1-Kontext-dev --image cat.png --prompt "give the cat a red hat"
     python -m flux_jax.sample --image photo.png --strength 0.7 --prompt "a watercolour"          # img2img
     python -m flux_jax.sample --model FLUX.1-Fill-dev --image room.png --mask sofa.png --prompt "a red sofa"
+    python -m flux_jax.sample --prompt "a fox, watercolour" --lora style.safetensors:0.8    # LoRAs (repeatable)
 
 Modes (--mode, or chosen from the arguments and the checkpoint; see AUTO_RULE): text-to-image,
 Kontext editing, img2img, inpaint (any checkpoint) and Fill (a FLUX.1 Fill checkpoint).
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -36,6 +38,7 @@ from typing import Callable, Optional
 
 from convert import is_converted
 from convert.core import CONFIG_FILE, Reader
+from convert.lora import LoraError, check_lora
 from convert.transformer import BFL_PREFIX, FILL_IN_CHANNELS
 
 from . import distributed
@@ -55,6 +58,7 @@ DEMO_DEFAULTS = dict(height=256, width=256, num_inference_steps=4)  # seconds on
 DEMO_KONTEXT_AREA = DEMO_DEFAULTS["height"] * DEMO_DEFAULTS["width"]  # Kontext's own default is 1024² pixels
 FILE_PATTERN = "flux_{seed}_{index}.png"  # image names when --out is a folder
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}  # --out names refused: PNG only
+DEFAULT_LORA_SCALE = 1.0
 
 
 class BadInput(Exception):
@@ -71,6 +75,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m flux_jax.sample", description="Generate images with FLUX.1 in JAX.")
     add_model_arguments(p)
+    add_lora_argument(p)
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="text prompt; repeat for several")
     p.add_argument("--prompt-file", metavar="FILE", help="file with one prompt per non-empty line")
     p.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt (needs --true-cfg above 1)")
@@ -106,6 +111,34 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "a diffusers transformer/ folder or a converted one")
     p.add_argument("--dtype", metavar="NAME", help="bf16, fp16 or fp32 (default: bf16 on GPU/TPU, fp32 on CPU)")
     p.add_argument("--low-memory", action="store_true", help="free the text encoders while the transformer runs")
+
+
+def add_lora_argument(p: argparse.ArgumentParser) -> None:
+    """--lora FILE[:SCALE], repeatable (shared with generate; load_pipeline applies them)."""
+    p.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="FILE[:SCALE]",
+                   help=f"a LoRA (diffusers/PEFT .safetensors, or a folder holding one) applied at SCALE "
+                        f"(default {DEFAULT_LORA_SCALE:g}); repeat for several")
+
+
+def lora_argument(text: str) -> tuple[str, float]:
+    """--lora FILE[:SCALE] -> (FILE, SCALE), the file's keys checked (header only: no model needed yet).
+
+    Only a number after the last ':' is a scale; any other suffix is part of the file name.
+    """
+    path, scale = text, DEFAULT_LORA_SCALE
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass  # not a number: part of the file name
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"{text}: the scale must be a finite number, as FILE:0.8")
+    try:
+        check_lora(path)
+    except LoraError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return path, scale
 
 
 # ---------------------------------------------------------------- image modes
@@ -413,10 +446,13 @@ def model_label(root: Path, transformer: Optional[str]) -> str:
 # ---------------------------------------------------------------- loading, generating, writing
 
 def load_pipeline(args, root: Optional[Path], mode: Mode, dtype, **kw) -> tuple[FluxPipeline, str]:
-    """(pipeline, model label) of the model folder `root`, or the demo model; bad model files are bad input.
+    """(pipeline with the --lora adapters, model label), of the model folder `root` or the demo model;
+    bad model or LoRA files are bad input. Extra keywords (generate's mesh=) go to the loader."""
+    pipe, label = _load_model(args, root, mode, dtype, **kw)
+    return pipe, label + apply_loras(pipe, args.lora)
 
-    Extra keywords (generate's mesh=) go to make_demo_pipeline / from_pretrained.
-    """
+
+def _load_model(args, root: Optional[Path], mode: Mode, dtype, **kw) -> tuple[FluxPipeline, str]:
     if root is None:
         from .demo import NOISE_NOTICE, make_demo_pipeline
         print(f"note: {NOISE_NOTICE}", file=sys.stderr)
@@ -430,6 +466,21 @@ def load_pipeline(args, root: Optional[Path], mode: Mode, dtype, **kw) -> tuple[
     except Exception as e:  # corrupt files surface as many types (safetensors, orbax, json, tokenizers)
         raise BadInput(f"cannot load the model from {root}: {type(e).__name__}: {e}") from None
     return pipe, model_label(root, args.transformer)
+
+
+def apply_loras(pipe: FluxPipeline, loras: list[tuple[str, float]]) -> str:
+    """Load every --lora into `pipe` and run them all at their scales; returns their label for the PNGs."""
+    if not loras:
+        return ""
+    names = []
+    try:
+        for path, _ in loras:
+            pipe.load_lora_weights(path)  # each becomes the one active adapter: collect their names
+            names += pipe.get_active_adapters()
+        pipe.set_adapters(names, [scale for _, scale in loras])
+    except PipelineError as e:
+        raise BadInput(f"--lora: {e}") from None
+    return "".join(f" + {Path(path).name}:{scale:g}" for path, scale in loras)
 
 
 def call_kwargs(args, mode: Mode) -> dict:
