@@ -25,8 +25,10 @@ What one step is, in both frameworks:
     qkv/proj, both MLPs, single linear1/linear2; a fused layer's LoRA shares its `a`), torch with peft
     `add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=[to_q, to_k, to_v, to_out.0, add_q_proj,
     add_k_proj, add_v_proj, to_add_out, ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2,
-    proj_mlp, proj_out]))` on a frozen base (only LoRA params in the optimizer; PEFT's `proj_out` also
-    catches the final 3072→64 projection). Same adapted layers up to that; trainable counts are printed.
+    proj_mlp, proj_out]))` on a frozen base, only LoRA params in the optimizer. The list is passed as a
+    regex needing a parent module, so `proj_out` is the single blocks' and not the model's final 3072→64
+    projection (which ours does not adapt): the same layers are adapted; trainable counts are printed.
+    Their first-step gradient norms differ (PEFT gives q, k, v separate A's, and the random A's differ).
 
 FLOPs convention (`flops()` of benchmarks/transformer.py = forward matmul FLOPs, projections + attention):
   model FLOPs of a step = 3 × forward (forward, activation grads, weight grads), for LoRA too: its
@@ -65,6 +67,9 @@ from transformer import flops  # noqa: E402  (forward matmul FLOPs; same definit
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 LR, BETAS, EPS, WD, CLIP = 1e-4, (0.9, 0.999), 1e-8, 1e-4, 1.0
+# The list above as one regex (PEFT full-matches a string) that needs a parent module: the blocks' proj_out
+# but not the model's final proj_out, which the list alone would also adapt and ours does not.
+PEFT_REGEX = r".*\.(" + "|".join(t.replace(".", r"\.") for t in PEFT_TARGETS) + ")$"
 SEED = 0
 GOAL_RATIO = 0.8  # CPU: JAX step time ≤ 0.8 × torch's
 GOAL_GPU_S = 0.45  # GPU: 1024² LoRA r16 step on one H100
@@ -200,10 +205,10 @@ def run_torch(model, inputs: dict, lora_rank, warmup: int, repeats: int) -> dict
 
         model.requires_grad_(False)
         model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
-                                     target_modules=PEFT_TARGETS))
+                                     target_modules=PEFT_REGEX))
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
+    t = {k: torch.from_numpy(np.array(v)) for k, v in inputs.items()}  # writable copies
     s = t["sigma"][:, None, None]
     guidance = torch.ones(t["x0"].shape[0]) if model.config.guidance_embeds else None
 
@@ -217,7 +222,7 @@ def run_torch(model, inputs: dict, lora_rank, warmup: int, repeats: int) -> dict
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(trainable, CLIP)
         opt.step()
-        return float(loss), float(gn)
+        return loss.item(), gn.item()
 
     t_med, (loss, gn), t_first, ld = timed_steps(step, warmup, repeats)
     out = {"s": t_med, "first_s": t_first, "loss": loss, "grad_norm": gn,

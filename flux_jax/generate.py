@@ -3,6 +3,7 @@
     python -m flux_jax.generate --prompts prompts.txt --out images/
     python -m flux_jax.generate --prompts prompts.jsonl --out images/ --mesh data=2,fsdp=4 --batch-size 16
     python -m flux_jax.generate --demo --prompts prompts.txt --out demo/      # tiny random model: noise
+    python -m flux_jax.generate --prompts prompts.txt --out images/ --lora style.safetensors:0.8
 
 Prompt files: text, one prompt a non-empty line; or JSONL (a .jsonl name, or a file whose first
 non-space character is `{`), one object a line with "prompt" and optionally "seed",

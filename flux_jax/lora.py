@@ -10,11 +10,13 @@ in the model's layout (stacked (L, ...) when cfg.scan_layers). Several adapters 
 concatenating their ranks; each rank column's scale is the adapter's weight times its own
 scale (alpha / rank), so changing weights never changes shapes (nothing recompiles).
 A LoRA on part of a fused layer (diffusers' to_q alone) is a LoRA on the fused layer whose b is
-zero outside that part (see convert/lora.py).
+zero outside that part (see convert/lora.py). Pipelines get diffusers' LoRA methods (load_lora_weights,
+set_adapters, fuse_lora...) from LoraMixin at the end of this file.
 """
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from typing import Iterable, Optional, Sequence
 
@@ -167,9 +169,16 @@ def matching(paths: Iterable[str], pattern: str) -> list[str]:
     return [p for p in paths if rx.search(p)]
 
 
-def _negated(variables: dict) -> dict:
-    """The same side branch with every column's scale negated: fusing it subtracts the update."""
-    return {LORA: variables[LORA], LORA_SCALE: jax.tree_util.tree_map(lambda s: -s, variables[LORA_SCALE])}
+def _weight(w, what: str) -> float:
+    """w as a float, or a PipelineError naming `what` (bools and NaN are not weights)."""
+    if isinstance(w, bool) or not isinstance(w, numbers.Real) or not np.isfinite(w):
+        raise _pipeline_error(f"{what} must be a finite number, got {w!r}")
+    return float(w)
+
+
+def _pipeline_error(message: str) -> Exception:
+    from .pipeline import PipelineError  # pipeline imports this module: imported when needed
+    return PipelineError(message)
 
 
 @dataclasses.dataclass
@@ -178,7 +187,8 @@ class LoraState:
     adapters: dict = dataclasses.field(default_factory=dict)  # {name: Adapter}
     active: list = dataclasses.field(default_factory=list)  # [(name, weight)]
     variables: dict = dataclasses.field(default_factory=dict)  # side branch on the mesh; {} when none or fused
-    fused: Optional[dict] = None  # variables merged into the params by fuse_lora (subtracted to unfuse)
+    # (name, weight) merged into the params by fuse_lora; unfuse_lora subtracts the same update again
+    fused: Optional[list] = None
 
 
 class LoraMixin:
@@ -212,40 +222,35 @@ class LoraMixin:
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: Optional[str] = None):
         """Load a LoRA (a .safetensors file, a folder holding one, or a state dict) and make it the
         only active adapter, weight 1, as diffusers does. Names default to default_0, default_1, ..."""
-        from convert.lora import read_lora
-        from .pipeline import PipelineError
+        from convert.lora import LoraError, read_lora
 
         state = self._lora_unfused("load_lora_weights")
         name = f"default_{len(state.adapters)}" if adapter_name is None else adapter_name
         if not isinstance(name, str) or not name:
-            raise PipelineError(f"adapter_name must be a non-empty string, got {name!r}")
+            raise _pipeline_error(f"adapter_name must be a non-empty string, got {name!r}")
         if name in state.adapters:
-            raise PipelineError(f"adapter name {name!r} is already in use; pass another adapter_name "
-                                f"(loaded: {', '.join(state.adapters)})")
+            raise _pipeline_error(f"adapter name {name!r} is already in use; pass another adapter_name "
+                                  f"(loaded: {', '.join(state.adapters)})")
         try:
             adapter = read_lora(pretrained_model_name_or_path_or_dict, self.cfg)  # shapes checked against cfg
-        except ValueError as e:  # LoraError
-            raise PipelineError(str(e)) from None
+        except LoraError as e:
+            raise _pipeline_error(str(e)) from None
         state.adapters[name] = adapter
         self._lora_activate([(name, 1.0)])
 
     def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
         """Run exactly the named adapters, each at its weight (a float for all, or one per name; None: 1)."""
-        from .pipeline import PipelineError
-
         state = self._lora_unfused("set_adapters")
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in state.adapters]
         if unknown or len(set(names)) != len(names):
-            raise PipelineError(f"set_adapters: unknown or repeated adapter names {unknown or names}; "
-                                f"loaded: {', '.join(state.adapters) or 'none'}")
+            raise _pipeline_error(f"set_adapters: unknown or repeated adapter names {unknown or names}; "
+                                  f"loaded: {', '.join(state.adapters) or 'none'}")
         weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
         if len(weights) != len(names):
-            raise PipelineError(f"set_adapters: {len(names)} adapters but {len(weights)} weights")
-        weights = [1.0 if w is None else w for w in weights]
-        if not all(isinstance(w, (int, float)) and np.isfinite(w) for w in weights):
-            raise PipelineError(f"set_adapters: weights must be finite numbers, got {adapter_weights!r}")
-        self._lora_activate([(n, float(w)) for n, w in zip(names, weights)])
+            raise _pipeline_error(f"set_adapters: {len(names)} adapters but {len(weights)} weights")
+        weights = [_weight(1.0 if w is None else w, "set_adapters: a weight") for w in weights]
+        self._lora_activate(list(zip(names, weights)))
 
     def get_active_adapters(self) -> list[str]:
         return [name for name, _ in self.lora_state.active]
@@ -257,21 +262,20 @@ class LoraMixin:
     def fuse_lora(self, lora_scale: float = 1.0) -> None:
         """Merge the active adapters (weights times lora_scale) into the transformer's params; the
         side branch is dropped, so sampling costs what it costs without LoRA."""
-        from .pipeline import PipelineError
-
         state = self._lora_unfused("fuse_lora")
         if not state.active:
-            raise PipelineError("fuse_lora: no active adapter; load_lora_weights or set_adapters first")
-        fused = self._lora_mix([(n, w * lora_scale) for n, w in state.active], jnp.float32)
-        self.params = sharding.put_params(self.mesh, fuse(self.params, fused))
-        state.fused, state.variables = fused, {}
+            raise _pipeline_error("fuse_lora: no active adapter; load_lora_weights or set_adapters first")
+        lora_scale = _weight(lora_scale, "fuse_lora: lora_scale")
+        merged = [(n, w * lora_scale) for n, w in state.active]
+        self._lora_merge(merged, 1.0)
+        state.fused, state.variables = merged, {}
 
     def unfuse_lora(self) -> None:
         """Undo fuse_lora: subtract the merged update, run the active adapters as a side branch again."""
         state = self.lora_state
         if state.fused is None:
             return
-        self.params = sharding.put_params(self.mesh, fuse(self.params, _negated(state.fused)))
+        self._lora_merge(state.fused, -1.0)
         state.fused = None
         self._lora_activate(state.active)
 
@@ -282,10 +286,8 @@ class LoraMixin:
 
     # ---------------------------------------------------------------- helpers
     def _lora_unfused(self, what: str) -> LoraState:
-        from .pipeline import PipelineError
-
         if self.lora_state.fused is not None:
-            raise PipelineError(f"{what}: LoRA weights are fused into the model; call unfuse_lora() first")
+            raise _pipeline_error(f"{what}: LoRA weights are fused into the model; call unfuse_lora() first")
         return self.lora_state
 
     def _lora_mix(self, active: list[tuple[str, float]], dtype) -> dict:
@@ -294,6 +296,13 @@ class LoraMixin:
             return {}
         variables = mix([(self.lora_state.adapters[n], w) for n, w in active], self.cfg, dtype)
         return jax.tree_util.tree_map(lambda x: sharding.put(x, sharding.replicated(self.mesh)), variables)
+
+    def _lora_merge(self, adapters: list[tuple[str, float]], sign: float) -> None:
+        """Add (sign 1) or subtract (-1) the adapters' update to the params, computed in float32;
+        the update is recomputed rather than kept, so nothing stays on the devices for unfusing."""
+        update = self._lora_mix(adapters, jnp.float32)
+        update[LORA_SCALE] = jax.tree_util.tree_map(lambda s: sign * s, update[LORA_SCALE])
+        self.params = sharding.put_params(self.mesh, fuse(self.params, update))
 
     def _lora_activate(self, active: list[tuple[str, float]]) -> None:
         self.lora_state.active = list(active)

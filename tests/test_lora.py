@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import flux_jax.demo
 from convert.core import DictReader, convert
@@ -141,7 +142,7 @@ def test_write_read_round_trip_and_keys(tmp_path):
 
 def test_prefixes_alpha_and_partial_fused_layers():
     model = diffusers_transformer(TINY)
-    sd = {k: v for k, v in hand_lora(model).items()}
+    sd = hand_lora(model)
     base = read_lora(sd, TINY)
     for prefix in ("", "base_model.model."):  # no component prefix; PEFT's own saves
         assert_same_effect(read_lora(hand_lora(model, prefix=prefix), TINY), base)
@@ -174,25 +175,15 @@ def test_peft_folder_config_and_metadata_scales(tmp_path):
     assert adapter["double_blocks_0/img_mlp/fc2"].scale == PEFT_ALPHA / PEFT_RANK
     assert adapter["single_blocks_0/linear1"].scale == 1.0  # parts of unequal scale: folded into b
     # the same tensors in a PEFT folder: adapter_model.safetensors + adapter_config.json
-    meta = json.loads(json.loads(open_metadata(path))["lora_adapter_metadata"])
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])  # "transformer.lora_alpha": ...
     folder = tmp_path / "peft"
     folder.mkdir()
-    tensors = {k.removeprefix("transformer."): v for k, v in load_tensors(path).items()}
-    save_file({f"base_model.model.{k}": v for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+    save_file({k.replace("transformer.", "base_model.model.", 1): v for k, v in load_file(str(path)).items()},
+              folder / "adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps({k.removeprefix("transformer."): v
-                                                            for k, v in meta.items()}))
+                                                            for k, v in config.items()}))
     assert_same_effect(read_lora(folder, TINY), adapter)
-
-
-def open_metadata(path) -> str:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return json.dumps(f.metadata())
-
-
-def load_tensors(path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(path))
 
 
 def test_unknown_and_unfit_keys_are_named(tmp_path):
@@ -268,12 +259,12 @@ def test_transformer_parity_scanned_and_fusing_in_both_layouts(tmp_path):
     want = torch_forward(model, x)
     assert rel_err(want, base) > MIN_EFFECT
 
-    adapters = [(read_lora(hand_file, TINY), 1.0), (read_lora(ours_file, TINY), 0.5)]
+    adapters = [(read_lora(hand_file, TINY), 1.0), (our_adapter(TINY), 0.5)]  # B itself, not read back
     assert rel_err(jax_forward(scanned, params, x, mix(adapters, scanned)), want) <= MODEL_TOL
 
     layers = unstack_layers(params)
-    from_stacked = unstack_layers(fuse(params, mix(adapters, scanned)))
-    from_layers = fuse(layers, mix(adapters, unrolled))
+    from_stacked = unstack_layers(jax.jit(fuse)(params, mix(adapters, scanned)))  # jit: one compile, not 70
+    from_layers = jax.jit(fuse)(layers, mix(adapters, unrolled))
     update = {p: sum(w * deltas(a).get(p, 0) for a, w in adapters) for p in diffusers_targets(TINY)}
     for path, delta in update.items():
         node = lambda tree: functools.reduce(lambda n, k: n[k], path.split("/"), tree)["kernel"]
@@ -315,60 +306,60 @@ def compare(pipes, *, ref=None) -> np.ndarray:
     return got
 
 
-def test_pipeline_file_from_write_lora_and_weight_match_diffusers(pipes):
-    """B, written by write_lora (as the trainer writes), loads in diffusers unchanged: same images."""
+def load_both(pipes) -> None:
+    """P and B into both pipelines, P first, so that [P, B] is the rank order of every mix below
+    (one compiled sampler for all of them, and for the CLI test)."""
     reset(pipes)
     for pipe in (pipes.ref, pipes.ours):
-        pipe.load_lora_weights(str(pipes.b))
-        assert pipe.get_active_adapters() == ["default_0"]
+        pipe.load_lora_weights(str(pipes.p), adapter_name="peft")
+        pipe.load_lora_weights(str(pipes.b), adapter_name="ours")
+        assert pipe.get_active_adapters() == ["ours"]  # the last loaded runs alone, as in diffusers
+
+
+def test_pipeline_two_adapters_and_weights_match_diffusers(pipes):
+    """P (made by PEFT, saved by diffusers) and B (written by write_lora, as the trainer writes)
+    load in both; the same images at any weights, and new weights compile nothing."""
+    load_both(pipes)
+    assert pipes.ours.get_list_adapters() == {"transformer": ["peft", "ours"]}
+    for pipe in (pipes.ref, pipes.ours):
+        pipe.set_adapters(["peft", "ours"])
     full = compare(pipes)
     assert rel_err(full, pipes.base) > MIN_EFFECT
     n_compiled = len(pipes.ours._compiled)
-    for pipe in (pipes.ref, pipes.ours):
-        pipe.set_adapters("default_0", 0.5)
-    half = compare(pipes)
+    for weights in (0.5, [0.7, 0.4], [0.0, 1.0]):  # one for all; one each; B alone in effect
+        for pipe in (pipes.ref, pipes.ours):
+            pipe.set_adapters(["peft", "ours"], weights)
+        assert rel_err(compare(pipes), full) > MIN_EFFECT
     assert len(pipes.ours._compiled) == n_compiled  # new weights, same shapes: nothing recompiled
-    assert rel_err(half, full) > MIN_EFFECT
-
-
-def test_pipeline_two_adapters_match_diffusers(pipes):
-    """P (PEFT-made, saved by diffusers with its LoraConfig) and B together, each at its weight."""
-    reset(pipes)
-    for pipe in (pipes.ref, pipes.ours):
-        pipe.load_lora_weights(str(pipes.b), adapter_name="ours")
-        pipe.load_lora_weights(str(pipes.p), adapter_name="peft")
-        assert pipe.get_active_adapters() == ["peft"]  # the last loaded runs alone, as in diffusers
-        pipe.set_adapters(["peft", "ours"], adapter_weights=[0.7, 0.4])
-    assert pipes.ours.get_list_adapters() == {"transformer": ["ours", "peft"]}
-    assert rel_err(compare(pipes), pipes.base) > MIN_EFFECT
 
 
 def test_pipeline_fuse_unfuse_unload(pipes):
-    reset(pipes)
-    for pipe in (pipes.ref, pipes.ours):
-        pipe.load_lora_weights(str(pipes.b), adapter_name="ours")
-        pipe.set_adapters("ours", 0.8)
+    load_both(pipes)
+    weights = [0.7, 0.4]
     run = lambda: pipes.ours(latents=pipes.noise, output_type="latent", progress=False, **CALL).images
-    side = run()
-    pipes.ours.set_adapters("ours", 0.8 * 0.5)
+    pipes.ours.set_adapters(["peft", "ours"], [w * 0.5 for w in weights])
     side_half = run()
-    pipes.ours.set_adapters("ours", 0.8)
+    for pipe in (pipes.ref, pipes.ours):
+        pipe.set_adapters(["peft", "ours"], weights)
+    side = run()
     for pipe in (pipes.ref, pipes.ours):
         pipe.fuse_lora(lora_scale=0.5)
     assert pipes.ours.lora_variables == {}  # no side branch once fused
     fused = compare(pipes)
     assert rel_err(fused, pipes.base) > MIN_EFFECT
     assert rel_err(fused, side_half) <= LATENT_TOL  # fusing changes nothing but where the update lives
-    with pytest.raises(PipelineError, match="unfuse_lora"):
+    with pytest.raises(PipelineError, match="fused into the model; call unfuse_lora"):
         pipes.ours.set_adapters("ours", 1.0)
+    with pytest.raises(PipelineError, match="fused into the model; call unfuse_lora"):
+        pipes.ours.load_lora_weights(str(pipes.b), adapter_name="again")
     for pipe in (pipes.ref, pipes.ours):
         pipe.unfuse_lora()
-    # The side branch is back at weight 0.8 (diffusers keeps lora_scale in it: 0.4; see LoraMixin).
-    assert pipes.ours.get_active_adapters() == ["ours"]
+    # The side branch is back at the set weights (diffusers keeps lora_scale in it; see LoraMixin).
+    assert pipes.ours.get_active_adapters() == ["peft", "ours"]
     assert rel_err(run(), side) <= LATENT_TOL
     pipes.ours.fuse_lora()
     pipes.ours.unload_lora_weights()  # fused: the update is subtracted, base weights back
-    assert pipes.ours.get_active_adapters() == [] and pipes.ours.lora_variables == {}
+    assert pipes.ours.get_list_adapters() == {} and pipes.ours.lora_variables == {}
     assert rel_err(run(), pipes.base) <= LATENT_TOL
 
 
@@ -383,10 +374,8 @@ def test_pipeline_lora_errors(pipes):
     ours.load_lora_weights(str(pipes.b))
     with pytest.raises(PipelineError, match="2 adapters but 1 weights"):
         ours.set_adapters(["peft", "default_1"], [0.5])
-    ours.fuse_lora()
-    with pytest.raises(PipelineError, match="fused into the model; call unfuse_lora"):
-        ours.load_lora_weights(str(pipes.p))
-    ours.unfuse_lora()
+    with pytest.raises(PipelineError, match="a weight must be a finite number"):
+        ours.set_adapters("peft", float("nan"))
     with pytest.raises(PipelineError, match="do not fit this model"):
         ours.load_lora_weights({"x_embedder.lora_A.weight": torch.zeros(2, 65),
                                 "x_embedder.lora_B.weight": torch.zeros(64, 2)})
@@ -409,26 +398,28 @@ def cli_demo(pipes, monkeypatch):
     reset(pipes)
 
 
-def test_cli_lora_matches_diffusers(cli_demo, tmp_path, capsys):
+def test_cli_loras_match_diffusers(cli_demo, tmp_path, capsys):
+    """sample --demo --lora P:0.7 --lora B:0.4 gives diffusers' image; generate the same PNG."""
     pipes = cli_demo
     out = tmp_path / "fox.png"
-    args = ["--demo", "--prompt", CALL["prompt"], "--seed", SEED, "--height", SIZE, "--width", SIZE,
-            "--steps", STEPS, "--lora", f"{pipes.b}:0.5"]
-    assert sample_cli.main([str(a) for a in args + ["--out", out]]) == 0, capsys.readouterr().err
-    assert pipes.ours.lora_state.active == [("default_0", 0.5)]
-    assert Image.open(out).text["model"] == f"demo (random weights) + {pipes.b.name}:0.5"
+    common = ["--demo", "--seed", SEED, "--height", SIZE, "--width", SIZE, "--steps", STEPS,
+              "--lora", f"{pipes.p}:0.7", "--lora", f"{pipes.b}:.4"]
+    assert sample_cli.main([str(a) for a in common + ["--prompt", CALL["prompt"], "--out", out]]) == 0, \
+        capsys.readouterr().err
+    assert pipes.ours.lora_state.active == [("default_0", 0.7), ("default_1", 0.4)]
+    assert Image.open(out).text["model"] == f"demo (random weights) + {pipes.p.name}:0.7 + {pipes.b.name}:0.4"
     png = np.asarray(Image.open(out)) / 255
     reference = lambda: pipes.ref(latents=torch.from_numpy(pipes.noise), output_type="np", **CALL).images[0]
-    assert np.abs(png - reference()).max() > MIN_EFFECT  # the LoRA shows
-    pipes.ref.load_lora_weights(str(pipes.b))
-    pipes.ref.set_adapters("default_0", 0.5)
+    assert np.abs(png - reference()).max() > MIN_EFFECT  # the LoRAs show
+    for path in (pipes.p, pipes.b):
+        pipes.ref.load_lora_weights(str(path))
+    pipes.ref.set_adapters(["default_0", "default_1"], [0.7, 0.4])
     assert np.abs(png - reference()).max() <= PNG_TOL
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(CALL["prompt"] + "\n")
     reset(pipes)
-    job = ["--demo", "--prompts", prompts, "--seed", SEED, "--height", SIZE, "--width", SIZE, "--steps", STEPS,
-           "--lora", f"{pipes.b}:0.5", "--out", tmp_path / "job"]
+    job = common + ["--prompts", prompts, "--out", tmp_path / "job"]
     assert generate_cli.main([str(a) for a in job]) == 0, capsys.readouterr().err
     assert (tmp_path / "job" / "000000.png").read_bytes() == out.read_bytes()  # generate = sample, byte for byte
 

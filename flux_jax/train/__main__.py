@@ -11,6 +11,7 @@ fine-tuning), plus checkpoints/ (resume by running the same command again), logs
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -119,6 +120,11 @@ def check_args(args: argparse.Namespace) -> tuple[Optional[Path], list]:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lora_rank is not None and args.lora_rank < 1:
         raise BadInput(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    if args.lora_targets is not None:
+        try:
+            re.compile(args.lora_targets)
+        except re.error as e:
+            raise BadInput(f"--lora-targets {args.lora_targets!r} is not a regular expression ({e})") from None
     if not 0 <= args.caption_dropout < 1:
         raise BadInput(f"--caption-dropout must be in [0, 1), got {args.caption_dropout}")
     try:

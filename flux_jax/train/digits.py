@@ -123,7 +123,7 @@ def to_source_levels(images: np.ndarray) -> np.ndarray:
         raise ValueError(f"images must be (N, H, W, 3) or (N, H, W), got shape {np.shape(images)}")
     unit = x / 255.0 if np.issubdtype(np.asarray(images).dtype, np.integer) else x
     unit = np.clip(unit.astype(np.float32), 0, 1)
-    small = np.stack([np.asarray(Image.fromarray(u, mode="F").resize((SOURCE_SIDE, SOURCE_SIDE), Image.BOX))
+    small = np.stack([np.asarray(Image.fromarray(u).resize((SOURCE_SIDE, SOURCE_SIDE), Image.BOX))
                       for u in unit])
     return small.reshape(len(small), -1) * SOURCE_MAX
 

@@ -104,25 +104,30 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def init(self, params: dict, seed: int) -> tuple[dict, dict]:
         """(state, frozen) on the mesh from the base params (any dtype, on the mesh or on the host)."""
+        # Copies: the step donates the state's buffers, and the caller's arrays must survive it.
         whole = lambda tree: jax.tree_util.tree_map(
-            lambda a: sharding.put(jnp.asarray(a, jnp.float32), sharding.replicated(self.mesh)), tree)
+            lambda a: sharding.put(jnp.array(a, jnp.float32, copy=True), sharding.replicated(self.mesh)), tree)
         if self.is_lora:
             frozen = {"params": sharding.put_params(self.mesh, _cast(params, self.dtype)),
                       LORA_SCALE: whole(self.lora[LORA_SCALE])}
             trainable = whole(self.lora[LORA])
         else:
             frozen = {}
-            # A copy: the step donates the state's buffers, and the caller's params must survive it.
             trainable = sharding.put_params(self.mesh, jax.tree_util.tree_map(
                 lambda a: jnp.array(a, jnp.float32, copy=True), params))
-        with jax.set_mesh(self.mesh):
-            opt = jax.jit(self.tx.init)(trainable)
+        with jax.set_mesh(self.mesh):  # Adam's moments sharded as their params (FSDP shards them too)
+            opt = jax.jit(self.tx.init, out_shardings=self._opt_shardings(trainable))(trainable)
         state = {"step": sharding.put(jnp.zeros((), jnp.int32), sharding.replicated(self.mesh)),
                  "trainable": trainable, "opt": opt,
                  "rng": sharding.put(jax.random.key_data(jax.random.PRNGKey(seed)), sharding.replicated(self.mesh))}
         if self.optim.ema_decay:
             state["ema"] = jax.tree_util.tree_map(jnp.copy, trainable)
         return state, frozen
+
+    def _opt_shardings(self, trainable: dict):
+        params = jax.tree_util.tree_map(lambda a: a.sharding, trainable)
+        return optax.tree_map_params(self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, trainable), params,
+                                     transform_non_params=lambda _: sharding.replicated(self.mesh))
 
     def variables(self, trainable: dict, frozen: dict) -> dict:
         """The model's variables in the compute dtype from trainable (masters) + frozen."""
