@@ -103,6 +103,9 @@ def run_job(args: argparse.Namespace, root: Optional[Path], examples, dtype, opt
     out = Path(args.output)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else sharding.make_mesh()
     pipe, root = load_model(args, root, examples, dtype, mesh)
+    if pipe.variant == "fill":
+        raise BadInput(f"{root} is a FLUX.1 Fill model: training takes dev, schnell or Kontext models "
+                       "(Fill's mask channels are not built here)")
     max_len = pipe.check_max_sequence_length(args.max_sequence_length or
                                              (256 if pipe.variant == "schnell" else 512))
     lora_mode = args.lora_rank is not None
