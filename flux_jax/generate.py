@@ -39,7 +39,7 @@ from typing import Optional
 
 import jax
 
-from . import distributed
+from . import compile_cache, distributed
 from .pipeline import DEFAULTS, PipelineError
 from .sample import (DEMO_DEFAULTS, EXIT_BAD_INPUT, IMAGE_SUFFIXES, BadInput, Mode, _Parser, add_lora_argument,
                      add_model_arguments, check_checkpoint, check_dtype, check_out, check_seed, check_side,
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="true classifier-free guidance scale for the lines with a negative_prompt (needed above 1 "
                         "when a line has one)")
     distributed.add_arguments(p)
+    compile_cache.add_argument(p)
     return p
 
 
@@ -380,6 +381,7 @@ def _job(argv: Optional[list[str]]) -> None:
         check_checkpoint("text", is_fill_model(args, root), transformer_source(args, root))
     manifest = Manifest(out / MANIFEST)
     manifest.check(items)
+    compile_cache.configure(args)
     distributed.initialize(args)  # JAX devices are touched from here on
     mesh, batch_size = job_mesh(args)
     dtype = check_dtype(args.dtype)

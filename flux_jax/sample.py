@@ -41,7 +41,7 @@ from convert.core import CONFIG_FILE, Reader
 from convert.lora import LoraError, check_lora
 from convert.transformer import BFL_PREFIX, FILL_IN_CHANNELS
 
-from . import distributed
+from . import compile_cache, distributed
 from .config import PIXELS_PER_TOKEN, FluxConfig, parse_dtype
 from .images import default_size, load_image
 from .img2img import DEFAULT_STRENGTH, FluxImg2ImgPipeline
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "existing files are replaced (default: the current folder)")
     add_mode_arguments(p)
     distributed.add_arguments(p)
+    compile_cache.add_argument(p)
     return p
 
 
@@ -608,6 +609,7 @@ def _sample(argv: Optional[list[str]]) -> None:
     out = check_out(args.out)
     root = None if args.demo else resolve_model(args)
     mode = select_mode(args, root)
+    compile_cache.configure(args)
     distributed.initialize(args)  # JAX devices are touched from here on (check_dtype asks the backend)
     generate(args, prompts, out, root, mode, check_dtype(args.dtype))
 

@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Optional
 
-from .. import distributed, sharding
+from .. import compile_cache, distributed, sharding
 from ..config import REMAT_CHOICES
 from ..sample import BadInput, add_model_arguments, check_dtype, resolve_model, run_cli
 from .data import DataError, scan_folder
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae-steps", type=int, help="--init demo: VAE fitting steps")
     g.add_argument("--no-progress", action="store_true")
     distributed.add_arguments(p)
+    compile_cache.add_argument(p)
     return p
 
 
@@ -153,6 +154,7 @@ def _train(argv: Optional[list[str]]) -> None:
     args = parse_args(argv)
     distributed.check_arguments(args)
     root, examples = check_args(args)
+    compile_cache.configure(args)
     distributed.initialize(args)
     from .job import run_job
     run_job(args, root, examples, check_dtype(args.dtype), optim_config(args), loss_config(args))
