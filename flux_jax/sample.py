@@ -117,7 +117,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_lora_argument(p: argparse.ArgumentParser) -> None:
     """--lora FILE[:SCALE], repeatable (shared with generate; load_pipeline applies them)."""
     p.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="FILE[:SCALE]",
-                   help=f"a LoRA (diffusers/PEFT .safetensors, or a folder holding one) applied at SCALE "
+                   help=f"a LoRA (.safetensors in diffusers/PEFT, kohya, OneTrainer, ComfyUI or XLabs keys, or a "
+                        f"folder holding one) applied at SCALE "
                         f"(default {DEFAULT_LORA_SCALE:g}); repeat for several")
 
 
