@@ -3,6 +3,8 @@
 `convert_to_checkpoint(src, dst)` converts once, streaming tensor by tensor (a 24 GB transformer
 in a few GB of RAM); `load_component(path)` loads it back fast, onto devices if given shardings.
 `component_stream` hands out the converted tensors one by one, for a caller that places them itself.
+With `quantize` (flux_jax/quantize.py), the transformer's and T5's block kernels are saved quantized,
+tensor by tensor as they stream; the folder's config names the mode.
 """
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
+from flux_jax import quantize as qz
 from flux_jax.config import CLIPConfig, FluxConfig, T5Config, VAEConfig, parse_dtype
-from .core import (ConversionError, Piece, Plan, atomic_dir, convert, is_checkpoint, load_checkpoint, materialize,
-                   piece_shapes, save_params, stream)
+from .core import (CONFIG_FILE, ConversionError, Piece, Plan, atomic_dir, convert, is_checkpoint, load_checkpoint,
+                   materialize, piece_shapes, save_params, stream)
 
 # component folder -> (module, planner function, config class); planners take (src, **kw) and return a Plan
 COMPONENTS = {
@@ -28,9 +33,10 @@ CLASSES = {"FluxTransformer2DModel": "transformer", "CLIPTextModel": "text_encod
            "T5EncoderModel": "text_encoder_2", "AutoencoderKL": "vae"}
 COPIED = ("tokenizer", "tokenizer_2", "scheduler")  # small folders used as they are
 MODEL_INDEX = "model_index.json"
+QUANTIZE_KEY = "quantize"  # in a component's config json: the mode its kernels were saved in
 
 __all__ = ["ConversionError", "component_stream", "convert_component", "convert_to_checkpoint", "load_component",
-           "detect", "is_converted"]
+           "detect", "is_converted", "stored_paths", "stored_quantization"]
 
 
 def detect(src: str | Path) -> str:
@@ -85,18 +91,27 @@ def convert_component(name: str, src: str | Path, dtype: Any = None, progress: b
     return convert(plan.reader, plan.rules, plan.target, parse_dtype(dtype), plan.ignore, progress), plan.config
 
 
-def _write_component(folder: Path, name: str, component: tuple[Any, dict, Iterator[Piece]], dtype) -> None:
-    """Stream one component's pieces (from component_stream) into a checkpoint in `folder`, cast as written."""
+def _write_component(folder: Path, name: str, component: tuple[Any, dict, Iterator[Piece]], dtype,
+                     quantize: str | None = None) -> None:
+    """Stream one component's pieces (from component_stream) into a checkpoint in `folder`, cast as
+    written (float params only); with `quantize`, its target kernels are quantized one by one first."""
     cfg, _, pieces = component
     meta = {"component": name, "config": cfg.to_dict()}
     if name == "transformer":
         from .transformer import variant
         meta["variant"] = variant(cfg)
+    if quantize and name in qz.TARGETS:
+        meta[QUANTIZE_KEY] = quantize
+        # quantized on the default device, one kernel at a time, and fetched back for writing
+        pieces = ((p, np.asarray(v)) for p, v in qz.quantize_pieces(pieces, name, quantize))
     save_params(folder, pieces, meta, dtype=parse_dtype(dtype))
 
 
-def convert_to_checkpoint(src: str | Path, dst: str | Path, dtype: Any = None, overwrite: bool = False) -> Path:
+def convert_to_checkpoint(src: str | Path, dst: str | Path, dtype: Any = None, overwrite: bool = False,
+                          quantize: str | None = None) -> Path:
     """Convert a diffusers pipeline folder, one component folder, or a BFL file into `dst`.
+
+    quantize: a flux_jax.quantize mode (int8, int4, nf4) for the transformer's and T5's block kernels.
 
     A pipeline folder becomes dst/<component>/ for each model plus copies of the tokenizers,
     scheduler and model_index.json, so `FluxPipeline.from_pretrained(dst)` works on it.
@@ -106,7 +121,8 @@ def convert_to_checkpoint(src: str | Path, dst: str | Path, dtype: Any = None, o
     """
     src = Path(src)
     kind = detect(src)
-    parse_dtype(dtype)  # a bad name fails before any work
+    parse_dtype(dtype)  # bad names fail before any work
+    qz.check_mode(quantize)
     if kind == "pipeline":
         missing = [n for n in (*COMPONENTS, *COPIED) if not (src / n).exists()]
         if missing:
@@ -117,10 +133,10 @@ def convert_to_checkpoint(src: str | Path, dst: str | Path, dtype: Any = None, o
 
     def write(tmp: Path) -> None:
         if kind != "pipeline":
-            return _write_component(tmp, kind, components[kind], dtype)
+            return _write_component(tmp, kind, components[kind], dtype, quantize)
         for name, component in components.items():
             (tmp / name).mkdir()
-            _write_component(tmp / name, name, component, dtype)
+            _write_component(tmp / name, name, component, dtype, quantize)
         for name in COPIED:
             shutil.copytree(src / name, tmp / name)
         shutil.copy(src / MODEL_INDEX, tmp / MODEL_INDEX)
@@ -146,3 +162,15 @@ def load_component(path: str | Path, dtype: Any = None, sharding: Callable | Non
 
 def is_converted(path: str | Path) -> bool:
     return is_checkpoint(path)
+
+
+def stored_quantization(path: str | Path) -> str | None:
+    """The quantization mode a converted component folder was saved in; None for float weights."""
+    return json.loads((Path(path) / CONFIG_FILE).read_text()).get(QUANTIZE_KEY)
+
+
+def stored_paths(path: str | Path) -> list[str]:
+    """The per-layer param paths of a converted component folder; only its metadata is read."""
+    paths: list[str] = []
+    load_checkpoint(path, select=lambda p: paths.append(p) is not None)  # notes each path, selects none
+    return paths

@@ -366,6 +366,13 @@ def copy_into(out: np.ndarray, value: np.ndarray) -> np.ndarray:
     return out
 
 
+def cast_dtype(stored, dtype=None) -> np.dtype:
+    """The dtype a param stored as `stored` is saved or restored in when `dtype` is asked: integer
+    params (quantized values, see flux_jax/quantize.py) keep theirs, as do all with dtype None."""
+    stored = np.dtype(stored)
+    return stored if dtype is None or stored.kind in "iu" else np.dtype(dtype)
+
+
 def materialize(value: np.ndarray, dtype=None) -> np.ndarray:
     """A C-ordered in-memory copy of a piece's value (a lazy view is read once), cast to dtype."""
     return copy_into(np.empty(value.shape, np.dtype(dtype or value.dtype)), value)
@@ -582,7 +589,7 @@ def save_params(folder: str | os.PathLike, pieces: Iterable[Piece], config: dict
                 part_bytes: int = PART_BYTES) -> None:
     """Write pieces (per-layer paths) as an Orbax checkpoint `folder/params`, plus the config json.
 
-    Streams: pieces are copied out (cast to `dtype`; None keeps each piece's) into parts of at
+    Streams: pieces are copied out (float ones cast to `dtype`: see cast_dtype) into parts of at
     most `part_bytes` (or one piece, if larger), each written with one Orbax partial save, so
     host memory stays near 2 x part_bytes (a part and its chunk buffers) whatever the model size.
     The config json gets "format": FORMAT.
@@ -611,11 +618,12 @@ def save_params(folder: str | os.PathLike, pieces: Iterable[Piece], config: dict
             if path in seen:
                 raise ValueError(f"save_params: piece {path!r} given twice; each param path must come once")
             seen.add(path)
-            nbytes = int(np.prod(value.shape)) * np.dtype(dtype or value.dtype).itemsize
+            dt = cast_dtype(value.dtype, dtype)
+            nbytes = int(np.prod(value.shape)) * dt.itemsize
             if size and size + nbytes > part_bytes:
                 flush()
             # our own C-ordered copy: reads a lazy view once and lets its file map go with it
-            part[path] = materialize(np.asarray(value), dtype)
+            part[path] = materialize(np.asarray(value), dt)
             size += part[path].nbytes
             del value
         flush()
@@ -644,7 +652,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, sharding: Callable | No
     """(params, config dict) from a folder written by save_checkpoint / save_params.
 
     params come in the PER-LAYER layout; stacked=True restacks them (numpy only).
-    dtype: cast on restore; None keeps the stored dtype.
+    dtype: cast on restore (see cast_dtype: integer params keep theirs); None keeps the stored dtype.
     sharding: None gives numpy arrays. A callable (path, shape, dtype) -> jax.sharding.Sharding,
     path per-layer and '/'-joined, gives jax Arrays restored straight onto those shardings, each
     host reading only what its devices hold.
@@ -686,7 +694,7 @@ def _load_format2(folder: Path, dtype, sharding, keep: Callable[[str], bool],
     from orbax.checkpoint import v1 as ocp1
 
     def abstract(p: str, meta) -> Any:
-        shape, dt = tuple(meta.shape), dtype or np.dtype(meta.dtype)
+        shape, dt = tuple(meta.shape), cast_dtype(meta.dtype, dtype)
         if sharding is None:
             return np.empty(shape, dt)  # untouched: costs address space only
         return jax.ShapeDtypeStruct(shape, dt, sharding=sharding(p, shape, dt))
@@ -707,7 +715,7 @@ def _load_format2(folder: Path, dtype, sharding, keep: Callable[[str], bool],
         for p, meta in leaves(ocp1.metadata(folder).metadata).items():
             if not keep(p):
                 continue
-            nbytes = int(np.prod(meta.shape)) * np.dtype(dtype or meta.dtype).itemsize
+            nbytes = int(np.prod(meta.shape)) * cast_dtype(meta.dtype, dtype).itemsize
             if size and size + nbytes > part_bytes:
                 flush()
             group[p] = abstract(p, meta)

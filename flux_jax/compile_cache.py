@@ -3,9 +3,9 @@
 Compiling the denoising loop of the full model takes tens of seconds (unrolled blocks on a GPU) and
 is the same work every run; JAX can keep compiled executables in a folder keyed by the program, its
 shapes, the jax/XLA versions and the devices. The command-line tools turn this on by default in a
-user cache folder (`--no-compile-cache` turns it off); FluxPipeline.from_pretrained does too unless
-`compile_cache=False`. The folder can be moved with FLUX_JAX_COMPILE_CACHE=DIR, or the cache turned off
-everywhere with FLUX_JAX_COMPILE_CACHE=off. A folder the user set themselves
+user cache folder (`--no-compile-cache` turns it off); in Python, `flux_jax.compile_cache.enable()`
+does (a library import changes no global JAX setting by itself). The folder can be moved with
+FLUX_JAX_COMPILE_CACHE=DIR, or the cache turned off everywhere with FLUX_JAX_COMPILE_CACHE=off. A folder the user set themselves
 (jax.config.update("jax_compilation_cache_dir", ...) or JAX_COMPILATION_CACHE_DIR) is left alone.
 """
 from __future__ import annotations

@@ -41,7 +41,8 @@ import jax
 
 from . import compile_cache, distributed
 from .pipeline import DEFAULTS, PipelineError
-from .sample import (DEMO_DEFAULTS, EXIT_BAD_INPUT, IMAGE_SUFFIXES, BadInput, Mode, _Parser, add_lora_argument,
+from .sample import (DEMO_DEFAULTS, EXIT_BAD_INPUT, IMAGE_SUFFIXES, BadInput, Mode, _Parser, add_cache_argument,
+                     add_lora_argument, add_memory_arguments,
                      add_model_arguments, check_checkpoint, check_dtype, check_out, check_seed, check_side,
                      is_fill_model, load_pipeline, png_info, resolve_model, run_cli,
                      save_png, transformer_source)
@@ -100,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, metavar="SCALE", help="guidance scale (default: dev 3.5; schnell: none)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="N",
                    help=f"prompt i gets seed N + i unless its JSONL line gives one (default {DEFAULT_SEED})")
+    add_cache_argument(p)
     p.add_argument("--true-cfg", type=float, default=1.0, metavar="SCALE",
                    help="true classifier-free guidance scale for the lines with a negative_prompt (needed above 1 "
                         "when a line has one)")
+    add_memory_arguments(p)
     distributed.add_arguments(p)
     compile_cache.add_argument(p)
     return p
@@ -333,7 +336,7 @@ def run(args, todo: list[Item], out: Path, manifest: Manifest, root: Optional[Pa
     from .sharding import rows_of_process
 
     main_process, me = distributed.is_main(), jax.process_index()
-    pipe, label = load_pipeline(args, root, Mode(), dtype, mesh=mesh)
+    pipe, label = load_pipeline(args, root, Mode(), dtype, mesh=mesh, batch=batch_size)
     check_checkpoint("text", pipe.variant == "fill", label)  # when its kind could not be read before loading
     defaults = DEFAULTS[pipe.variant]
     steps = args.steps or (DEMO_DEFAULTS["num_inference_steps"] if args.demo else defaults["num_inference_steps"])
@@ -351,7 +354,7 @@ def run(args, todo: list[Item], out: Path, manifest: Manifest, root: Optional[Pa
                               height=batch[0].height, width=batch[0].width, num_inference_steps=steps,
                               guidance_scale=args.guidance, negative_prompt=negative,
                               true_cfg_scale=args.true_cfg if negative else 1.0, output_type="pil",
-                              progress=False).images
+                              progress=False, cache=args.cache).images
             except PipelineError as e:
                 raise BadInput(str(e)) from None
             seconds = (time.perf_counter() - t0) / len(batch)
@@ -359,7 +362,7 @@ def run(args, todo: list[Item], out: Path, manifest: Manifest, root: Optional[Pa
                 if j not in mine:
                     continue
                 info = png_info(item.prompt, item.seed, steps, guidance, images[j], label,
-                                negative_prompt=item.negative_prompt, true_cfg=args.true_cfg)
+                                negative_prompt=item.negative_prompt, true_cfg=args.true_cfg, cache=args.cache)
                 save_png(images[j], out / item.file, info)
                 manifest.append(item, seconds, me)  # after the PNG: a kill between the two is caught up on resume
                 written += 1

@@ -20,11 +20,12 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import jax
 import numpy as np
 
+from .cache import StepCache, parse_cache
 from .config import PIXELS_PER_TOKEN
 from .images import ImageInput, default_size, encode_image, load_image, prepare_image
 from .pipeline import FluxPipeline, FluxPipelineOutput, PipelineError, Prompt, _as_list
@@ -62,13 +63,14 @@ class FluxImg2ImgPipeline(FluxPipeline):
                  num_inference_steps: Optional[int] = None, sigmas: Optional[Sequence[float]] = None,
                  guidance_scale: Optional[float] = None, num_images_per_prompt: int = 1, seed: Optional[int] = None,
                  latents=None, max_sequence_length: Optional[int] = None, output_type: str = "pil",
-                 progress: bool = True) -> FluxPipelineOutput:
+                 progress: bool = True, cache: Union[str, StepCache, None] = None) -> FluxPipelineOutput:
         """Re-draw `image` (path, PIL image or array) as `prompt` says; see the module docstring.
 
         mask_image: only for FluxInpaintPipeline / FluxFillPipeline (white = repaint).
-        strength: default 0.6 (Fill: 1.0). latents: packed noise (B, L, 64). Other keywords as
-        FluxPipeline's.
+        strength: default 0.6 (Fill: 1.0). latents: packed noise (B, L, 64). Other keywords (cache
+        included) as FluxPipeline's.
         """
+        cache = parse_cache(cache)
         self.check_checkpoint()
         strength = check_strength(self.default_strength if strength is None else strength)
         steps, guidance_scale, max_len = self.call_settings(num_inference_steps, sigmas, guidance_scale,
@@ -100,7 +102,8 @@ class FluxImg2ImgPipeline(FluxPipeline):
         txt, y, neg, timings["encode"] = self.encode_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2,
                                                              true_cfg_scale, num_images_per_prompt, max_len)
         out, t = self.denoise_latents(x, txt, y, sigma_schedule, guidance_scale, image_ids(h_tok, w_tok),
-                                      true_cfg_scale, neg, cond=cond, hook_args=hook_args, progress=progress)
+                                      true_cfg_scale, neg, cond=cond, hook_args=hook_args, progress=progress,
+                                      cache=cache)
         timings.update(t)
         return self.finish(out, height, width, output_type, timings, batch)
 

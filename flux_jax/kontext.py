@@ -35,6 +35,7 @@ from typing import Optional, Sequence, Union
 import jax.numpy as jnp
 import numpy as np
 
+from .cache import StepCache, parse_cache
 from .config import PIXELS_PER_TOKEN
 from .images import ImageInput, default_size, encode_image, load_image, prepare_image
 from .pipeline import FluxPipeline, FluxPipelineOutput, Prompt, PipelineError, _as_list
@@ -76,13 +77,16 @@ class FluxKontextPipeline(FluxPipeline):
                  sigmas: Optional[Sequence[float]] = None, guidance_scale: Optional[float] = None,
                  num_images_per_prompt: int = 1, seed: Optional[int] = None, latents=None,
                  max_sequence_length: Optional[int] = None, output_type: str = "pil", progress: bool = True,
-                 max_area: int = DEFAULT_MAX_AREA, auto_resize: bool = True) -> FluxPipelineOutput:
+                 max_area: int = DEFAULT_MAX_AREA, auto_resize: bool = True,
+                 cache: Union[str, StepCache, None] = None) -> FluxPipelineOutput:
         """Edit `image` (a path, PIL image or array; a list for several references) as `prompt` says.
 
         Keywords as FluxPipeline's, plus max_area and auto_resize (diffusers' `_auto_resize`); see
         the module docstring for how sizes are chosen. latents: packed noise (B, L, 64) for the
         generated image, as diffusers takes it. image=None generates from the prompt alone.
+        cache: training-free step caching, as FluxPipeline's.
         """
+        cache = parse_cache(cache)
         if self.variant == "fill":
             raise PipelineError("this is a Fill checkpoint: use FluxFillPipeline with a mask_image")
         steps, guidance_scale, max_len = self.call_settings(num_inference_steps, sigmas, guidance_scale,
@@ -104,7 +108,8 @@ class FluxKontextPipeline(FluxPipeline):
         txt, y, neg, timings["encode"] = self.encode_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2,
                                                              true_cfg_scale, num_images_per_prompt, max_len)
         out, t = self.denoise_latents(x, txt, y, sigma_schedule, guidance_scale, image_ids(h_tok, w_tok),
-                                      true_cfg_scale, neg, cond=cond, cond_ids=cond_ids, progress=progress)
+                                      true_cfg_scale, neg, cond=cond, cond_ids=cond_ids, progress=progress,
+                                      cache=cache)
         timings.update(t)
         return self.finish(out, height, width, output_type, timings, batch)
 

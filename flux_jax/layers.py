@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from . import quantize
 from .config import TIME_EMBED_DIM, TIME_FACTOR
 from .sharding import sharded_attention
 
@@ -25,8 +26,9 @@ Init = Callable[..., jax.Array]
 class Linear(nn.Module):
     """y = x @ kernel + bias, computed in the kernel's dtype (kernel is (in, out), as Flax's Dense).
 
-    With a LoRA adapter in the variables (collections LORA: a (in, r), b (r, out); LORA_SCALE:
-    s (r,), one scale per rank column), adds the side branch ((x @ a) · s) @ b.
+    The kernel may be weight-only quantized (a dict, see flux_jax/quantize.py): computed in its
+    scales' dtype then. With a LoRA adapter in the variables (collections LORA: a (in, r), b (r, out);
+    LORA_SCALE: s (r,), one scale per rank column), adds the side branch ((x @ a) · s) @ b.
     """
     features: int
     use_bias: bool = True
@@ -35,12 +37,15 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        x = x.astype(kernel.dtype)
-        y = jnp.dot(x, kernel)
+        kernel = self.get_variable("params", "kernel")
+        if not quantize.is_quantized(kernel):  # a float kernel, or initialising
+            kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        dtype = quantize.compute_dtype(kernel)
+        x = x.astype(dtype)
+        y = quantize.dot(x, kernel)
         if self.has_variable(LORA, "a"):
-            a, b = (self.get_variable(LORA, n).astype(kernel.dtype) for n in ("a", "b"))
-            y = y + jnp.dot(jnp.dot(x, a) * self.get_variable(LORA_SCALE, "s").astype(kernel.dtype), b)
+            a, b = (self.get_variable(LORA, n).astype(dtype) for n in ("a", "b"))
+            y = y + jnp.dot(jnp.dot(x, a) * self.get_variable(LORA_SCALE, "s").astype(dtype), b)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         return y

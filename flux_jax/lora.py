@@ -263,6 +263,9 @@ class LoraMixin:
         """Merge the active adapters (weights times lora_scale) into the transformer's params; the
         side branch is dropped, so sampling costs what it costs without LoRA."""
         state = self._lora_unfused("fuse_lora")
+        if getattr(self, "quantize", None):
+            raise _pipeline_error(f"fuse_lora: the transformer is quantized ({self.quantize}), so its adapters run "
+                                  "as a side branch; set_adapters changes their weights")
         if not state.active:
             raise _pipeline_error("fuse_lora: no active adapter; load_lora_weights or set_adapters first")
         lora_scale = _weight(lora_scale, "fuse_lora: lora_scale")

@@ -8,6 +8,7 @@ Param layout (plain nested dict; blocks carry a leading layer axis):
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -22,6 +23,11 @@ N_MOD_DOUBLE = 6  # shift, scale, gate for attention, then for the MLP
 N_MOD_SINGLE = 3  # shift, scale, gate
 N_MOD_FINAL = 2  # shift, scale
 STACKS = ("double_blocks", "single_blocks")
+LAYER_COLLECTIONS = ("params", LORA, LORA_SCALE)  # the variables that carry a leading layer axis under nn.scan
+# Where a forward can stop and resume (training-free step caching, flux_jax/cache.py): the inputs, the
+# (img, txt) streams after the first double block, the image tokens after the last block, the output.
+INPUT, FIRST_BLOCK, BLOCKS, VELOCITY = "input", "first_block", "blocks", "velocity"
+STAGES = (INPUT, FIRST_BLOCK, BLOCKS, VELOCITY)
 TOKENS = ("batch", "length", None)  # logical axes of (B, L, hidden) activations (see sharding)
 
 
@@ -129,16 +135,28 @@ def _remat(block: type[nn.Module], cfg: FluxConfig) -> type[nn.Module]:
 
 def _stack(block: type[nn.Module], cfg: FluxConfig, n: int) -> type[nn.Module]:
     """Run `n` copies of `block` as one scanned block over params (and LoRA adapters) with a leading layer axis."""
-    return nn.scan(_remat(block, cfg), variable_axes={"params": 0, LORA: 0, LORA_SCALE: 0},
+    return nn.scan(_remat(block, cfg), variable_axes={c: 0 for c in LAYER_COLLECTIONS},
                    split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast), length=n)
 
 
-def _run_blocks(block: type[nn.Module], cfg: FluxConfig, pd, n: int, name: str, carry, vec, pe):
-    """n blocks over `carry`: one scanned module (params stacked), or n modules named name_0..name_{n-1}."""
+def _run_blocks(block: type[nn.Module], cfg: FluxConfig, pd, n: int, name: str, carry, vec, pe,
+                layers: Optional[range] = None):
+    """n blocks over `carry`: one scanned module (params stacked), or n modules named name_0..name_{n-1}.
+
+    layers: only these blocks of the n (step caching runs the first one apart); under scan they
+    see their slice of the stacked variables.
+    """
+    layers = range(n) if layers is None else layers
+    if not layers:
+        return carry
     if cfg.scan_layers:
-        return _stack(block, cfg, n)(cfg, pd, name=name)(carry, vec, pe)[0]
+        stack = _stack(block, cfg, len(layers))
+        if len(layers) != n:
+            part = lambda tree: jax.tree_util.tree_map(lambda a: a[layers.start:layers.stop], tree)
+            stack = nn.map_variables(stack, LAYER_COLLECTIONS, trans_in_fn=part)
+        return stack(cfg, pd, name=name)(carry, vec, pe)[0]
     cls = _remat(block, cfg)
-    for i in range(n):
+    for i in layers:
         carry, _ = cls(cfg, pd, name=f"{name}_{i}")(carry, vec, pe)
     return carry
 
@@ -150,6 +168,14 @@ def unstack_layers(params: dict) -> dict:
         n = jax.tree_util.tree_leaves(params[name])[0].shape[0]
         out.update({f"{name}_{i}": jax.tree_util.tree_map(lambda a: a[i], params[name]) for i in range(n)})
     return out
+
+
+def _check_stages(start: str, stop: str, streams) -> None:
+    if start not in STAGES or stop not in STAGES or STAGES.index(start) >= STAGES.index(stop):
+        raise ValueError(f"Flux: cannot run from {start!r} to {stop!r}: start and stop are two of {STAGES}, "
+                         "start first")
+    if (streams is None) != (start == INPUT):
+        raise ValueError(f"Flux: start={start!r} needs streams from a run that stopped there (and only then)")
 
 
 def _batched_ids(ids: jax.Array, batch: int, name: str) -> jax.Array:
@@ -168,15 +194,24 @@ class Flux(nn.Module):
     timesteps: sigma in [0, 1], (B,); guidance: natural units (e.g. 3.5), (B,), dev only;
     y: pooled CLIP (B, vec_in_dim); txt: T5 states (B, L_txt, context_in_dim);
     pe: optional precomputed `rope(ids)` for ids [txt, img, cond_seq], to hoist it out of a sampling loop.
+
+    start, stop (keyword-only, static): run one part of the model, between two of STAGES (step
+    caching). Stopping at FIRST_BLOCK returns the (img, txt) streams before and after the first
+    double block, at BLOCKS the image tokens after the last block (B, L_img, hidden); starting at
+    FIRST_BLOCK takes `streams` = (img, txt) after the first double block, at BLOCKS the image
+    tokens. Pass the other inputs as for a whole forward: the cheap embeddings of t, guidance and
+    y are recomputed; the default (INPUT to VELOCITY) is the whole forward.
     """
     cfg: FluxConfig
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, img_cond=None,
-                 cond_seq=None, cond_seq_ids=None, pe: Optional[jax.Array] = None):
+                 cond_seq=None, cond_seq_ids=None, pe: Optional[jax.Array] = None, *,
+                 start: str = INPUT, stop: str = VELOCITY, streams=None):
         cfg, pd = self.cfg, self.param_dtype
         self._check_shapes(img, txt, timesteps, y, guidance, img_cond, cond_seq, cond_seq_ids)
+        _check_stages(start, stop, streams)
         b, n_img = img.shape[:2]
         if img_cond is not None:
             img = jnp.concatenate([img, img_cond], axis=-1)
@@ -188,17 +223,29 @@ class Flux(nn.Module):
                 ids.append(_batched_ids(cond_seq_ids, b, "cond_seq_ids"))
             pe = rope(jnp.concatenate(ids, axis=1), cfg.axes_dim, cfg.theta)
 
-        img = constrain(Linear(cfg.hidden_size, param_dtype=pd, name="img_in")(img), TOKENS)
-        txt = constrain(Linear(cfg.hidden_size, param_dtype=pd, name="txt_in")(txt), TOKENS)
+        if start == INPUT:
+            img = constrain(Linear(cfg.hidden_size, param_dtype=pd, name="img_in")(img), TOKENS)
+            txt = constrain(Linear(cfg.hidden_size, param_dtype=pd, name="txt_in")(txt), TOKENS)
         vec = MLPEmbedder(cfg.hidden_size, pd, name="time_in")(timestep_embedding(timesteps))
         if cfg.guidance_embed:
             vec = vec + MLPEmbedder(cfg.hidden_size, pd, name="guidance_in")(timestep_embedding(guidance))
         vec = vec + MLPEmbedder(cfg.hidden_size, pd, name="vector_in")(y)
 
-        (img, txt) = _run_blocks(DoubleBlock, cfg, pd, cfg.depth, "double_blocks", (img, txt), vec, pe)
-        x = constrain(jnp.concatenate([txt, img], axis=1), TOKENS)
-        x = _run_blocks(SingleBlock, cfg, pd, cfg.depth_single_blocks, "single_blocks", x, vec, pe)
-        img = x[:, txt.shape[1]:txt.shape[1] + n_img]  # Kontext condition tokens are dropped here
+        doubles = functools.partial(_run_blocks, DoubleBlock, cfg, pd, cfg.depth, "double_blocks")
+        if start == INPUT:
+            if stop == FIRST_BLOCK:
+                return (img, txt), doubles((img, txt), vec, pe, range(1))
+            (img, txt) = doubles((img, txt), vec, pe)
+        elif start == FIRST_BLOCK:
+            (img, txt) = doubles(streams, vec, pe, range(1, cfg.depth))
+        if start == BLOCKS:
+            img = streams
+        else:
+            x = constrain(jnp.concatenate([txt, img], axis=1), TOKENS)
+            x = _run_blocks(SingleBlock, cfg, pd, cfg.depth_single_blocks, "single_blocks", x, vec, pe)
+            img = x[:, txt.shape[1]:txt.shape[1] + n_img]  # Kontext condition tokens are dropped here
+            if stop == BLOCKS:
+                return img
 
         shift, scale = Modulation(N_MOD_FINAL, pd, name="final_modulation")(vec)
         return Linear(cfg.out_channels, param_dtype=pd, name="final_linear")(modulate(img, shift, scale))

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import sharding
+from . import memory, quantize as qz, sharding, tiling
 from .autoencoder import AutoencoderKL, scale_latents, unscale_latents
+from .cache import StepCache, cached_model, parse_cache, steps_computed
 from .clip import CLIPTextEncoder
 from .config import CLIPConfig, FluxConfig, PIXELS_PER_TOKEN, T5Config, VAEConfig, VAE_DOWNSAMPLE, parse_dtype
 from .layers import rope
@@ -52,10 +53,14 @@ def jit_apply(module, method: str, params: dict, *args):
     return module.apply({"params": params}, *args, method=getattr(type(module), method))
 
 
-def default_scan_layers() -> bool:
+def default_scan_layers(quantized: bool = False) -> bool:
     """Unrolled blocks on GPU and CPU, where XLA copies each layer's weights out of a scanned stack
-    (16 ms of a 141 ms H100 forward; measured faster unrolled on CPU too); scanned on TPU."""
-    return jax.default_backend() == "tpu"
+    (16 ms of a 141 ms H100 forward; measured faster unrolled on CPU too); scanned on TPU.
+
+    Quantized weights are scanned everywhere: unrolled, XLA dequantizes every layer's kernels up
+    front (compiled memory of one FLUX.1-dev int8 forward on CPU: 13.0 GB unrolled, 0.49 GB scanned).
+    """
+    return quantized or jax.default_backend() == "tpu"
 
 
 class PipelineError(ValueError):
@@ -86,18 +91,56 @@ def _load_tokenizers(root: Path):
     return CLIPTokenizer.from_pretrained(root / "tokenizer"), T5TokenizerFast.from_pretrained(root / "tokenizer_2")
 
 
-def load_params(path: Path, name: str, mesh, dtype, scan_layers: bool = True, **kw) -> tuple[dict, Any]:
+def load_params(path: Path, name: str, mesh, dtype, scan_layers: bool = True, quantize: Optional[str] = None,
+                **kw) -> tuple[dict, Any]:
     """(params on `mesh`, config) for one component: a converted folder, a diffusers folder or a BFL file.
 
-    Each tensor goes onto the devices as it is read (see loading); scan_layers=False (transformer
-    only) keeps per-layer params, so the devices never hold both layouts.
+    Each tensor goes onto the devices as it is read (see loading), quantized there if asked;
+    scan_layers=False (transformer only) keeps per-layer params, so the devices never hold both layouts.
     """
     if not path.exists():
         raise PipelineError(f"{path}: missing {name}; is this a complete FLUX model folder?")
     try:
-        return load_component(path, name, mesh, dtype, scan_layers, **kw)
+        return load_component(path, name, mesh, dtype, scan_layers, quantize=quantize, **kw)
     except LoadError as e:
         raise PipelineError(str(e)) from None
+
+
+def _check_quantize(mode: Optional[str]) -> Optional[str]:
+    try:
+        return qz.check_mode(mode)
+    except qz.QuantizeError as e:
+        raise PipelineError(str(e)) from None
+
+
+def _read_shapes(root: Path, transformer: Path, kw: dict) -> Optional[dict]:
+    """memory.read_pipeline (configs and param shapes, no weights), or None when a file cannot be
+    read: loading then reports precisely what is wrong."""
+    try:
+        return memory.read_pipeline(root, transformer, **kw)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _plan_memory(shapes: dict, size: dict, low_memory: Optional[bool], vae_tiling: Optional[bool]) -> memory.Plan:
+    """The schedule that fits on this process's devices (memory.plan) for `size` (estimate's keywords;
+    height and width None: the variant's defaults); PipelineError naming the fix if none does."""
+    from convert.transformer import variant
+
+    d = DEFAULTS[variant(shapes["transformer"].config)]
+    size = {**size, "height": size["height"] or d["height"], "width": size["width"] or d["width"],
+            "txt_tokens": d["max_sequence_length"]}
+    available = memory.device_memory(size["mesh"].local_devices)
+    try:
+        plan = memory.plan(shapes, available, low_memory, vae_tiling, **size)
+    except memory.InsufficientMemory as e:
+        raise PipelineError(str(e)) from None
+    if plan.low_memory and low_memory is None:
+        warnings.warn(f"all models together need about {plan.estimate.peak(False) / memory.GB:.1f} GB, more than "
+                      f"the {available.bytes / memory.GB:.1f} GB available on {available.name}: the text encoders "
+                      f"and the transformer take turns in memory (low_memory; a call that encodes prompts again "
+                      f"reloads both); low_memory=False (--no-low-memory) turns this off", stacklevel=3)
+    return plan
 
 
 def pad_rows(x, n: int):
@@ -135,18 +178,29 @@ def _scheduler_shift(root: Path, cfg: FluxConfig) -> tuple[bool, float]:
 class FluxPipeline(LoraMixin):
     """Text-to-image. Components are Flax modules with their params as plain dicts; LoRA methods as diffusers'."""
 
+    # Set by from_pretrained: the transformer's loader when it is never resident with the text encoders.
+    reload_transformer: Optional[Callable[[], tuple]] = None
+    vae_tiling: Optional[bool] = None  # decode in tiles: True/False always/never, None above TILING_MIN_PIXELS
+
     def __init__(self, transformer: tuple[dict, FluxConfig], text_encoder: tuple[dict, CLIPConfig],
                  text_encoder_2: tuple[dict, T5Config], vae: tuple[dict, VAEConfig], tokenizer, tokenizer_2,
                  dynamic_shift: bool = True, static_shift: float = 1.0, dtype=None,
-                 reload_text_encoders: Optional[Callable[[], tuple]] = None, name: str = "flux", mesh=None):
+                 reload_text_encoders: Optional[Callable[[], tuple]] = None, name: str = "flux", mesh=None,
+                 quantize: Optional[str] = None):
         # Every model on the mesh (default: all devices on the data axis); loaded params already are.
         self.mesh = sharding.make_mesh() if mesh is None else mesh
         place = lambda part: (sharding.put_params(self.mesh, part[0]), part[1])
         (self.params, self.cfg), (self.clip_params, self.clip_cfg) = place(transformer), place(text_encoder)
         (self.t5_params, self.t5_cfg), (self.vae_params, self.vae_cfg) = place(text_encoder_2), place(vae)
+        # Weight-only quantization of params given in float (from_pretrained quantizes while loading)
+        quantize = _check_quantize(quantize)
+        self.params = qz.quantize_tree(self.params, "transformer", quantize, self.mesh)
+        self.t5_params = qz.quantize_tree(self.t5_params, "text_encoder_2", quantize, self.mesh)
+        self.quantize = qz.mode_of(self.params)  # also set by a checkpoint saved quantized
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.dynamic_shift, self.static_shift = dynamic_shift, static_shift
-        self.dtype = jax.tree_util.tree_leaves(self.params)[0].dtype if dtype is None else jnp.dtype(dtype)
+        self.dtype = jnp.dtype(dtype) if dtype is not None else next(  # a quantized tree's first leaf may be int8
+            a.dtype for a in jax.tree_util.tree_leaves(self.params) if jnp.issubdtype(a.dtype, jnp.floating))
         self.reload_text_encoders = reload_text_encoders  # set when low_memory frees them after each use
         self.remembered: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # see remember_prompts
         self.name = name
@@ -160,34 +214,63 @@ class FluxPipeline(LoraMixin):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, transformer: str | Path | None = None,
-                        low_memory: bool = False, scan_layers: Optional[bool] = None, mesh=None, **kw):
+                        low_memory: Optional[bool] = None, scan_layers: Optional[bool] = None, mesh=None,
+                        quantize: Optional[str] = None, check_memory: bool = True, height: Optional[int] = None,
+                        width: Optional[int] = None, batch: int = 1, vae_tiling: Optional[bool] = None, **kw):
         """Load a diffusers-layout FLUX folder or a converted one.
 
         dtype: jnp dtype or name ('bf16', 'fp32'); default: as stored.
         transformer: a BFL single file, a diffusers transformer/ folder or a converted one, used
-        instead of path/transformer. low_memory: free the text encoders before the transformer runs
-        (they are reloaded for the next call). scan_layers: run the block stacks under nn.scan (fast
-        compile) or unrolled with per-layer params (9% faster forward on an H100 but ~30 s compile);
-        default: scanned on TPU, unrolled elsewhere (see default_scan_layers). mesh: a
+        instead of path/transformer. low_memory: never hold the text encoders and the transformer
+        together: the transformer loads once the prompts are encoded and CLIP and T5 freed; a later
+        call that must encode again frees it and reloads both (remember_prompts avoids that); None
+        (default): only when all models together would not fit (see check_memory).
+        scan_layers: run the block stacks under nn.scan (fast compile) or unrolled with per-layer
+        params (9% faster forward on an H100 but ~30 s compile); default: scanned on TPU and when
+        quantized, unrolled elsewhere (see default_scan_layers). mesh: a
         jax.sharding.Mesh with sharding.MESH_AXES (see sharding.make_mesh); default: all devices on
         the data axis. Each tensor goes straight onto the mesh with its sharding as it is read.
+        quantize: 'int8', 'int4' or 'nf4' (see flux_jax/quantize.py): the transformer's and T5's
+        block kernels weight-only quantized, each as it is placed; a folder converted with
+        --quantize loads as it was saved (quantize None or the same mode).
+        check_memory: before loading anything, estimate the peak memory (flux_jax.memory) of images
+        of height x width (default: the variant's, 1024²), `batch` at a time, against what the
+        devices have; choose low_memory and VAE tiling by it where they are None, or fail at once
+        with the fix (a quantize mode). vae_tiling: decode in overlapping tiles (flux_jax.tiling);
+        None: above tiling.TILING_MIN_PIXELS, or where the estimate needs it.
         """
         root = Path(path)
         if not root.is_dir():
             raise PipelineError(f"{root}: no such model folder; pass --model PATH or set FLUX_JAX_MODEL")
         dtype = parse_dtype(dtype)
+        quantize = _check_quantize(quantize)
         tokenizers = _load_tokenizers(root)
         mesh = sharding.make_mesh() if mesh is None else mesh
         encoders = lambda: (load_params(root / "text_encoder", "text_encoder", mesh, dtype),
-                            load_params(root / "text_encoder_2", "text_encoder_2", mesh, dtype))
+                            load_params(root / "text_encoder_2", "text_encoder_2", mesh, dtype, quantize=quantize))
+        scan = default_scan_layers(quantize is not None) if scan_layers is None else scan_layers
+        tr_path = Path(transformer) if transformer else root / "transformer"
+        tr_kw = _bfl_axes(root, transformer) if transformer else {}
+        load_transformer = lambda: load_params(tr_path, "transformer", mesh, dtype, scan, quantize, **tr_kw)
+        shapes = _read_shapes(root, tr_path, tr_kw)  # None if unreadable: loading then says what is wrong
+        if check_memory and shapes is not None:
+            plan = _plan_memory(shapes, dict(height=height, width=width, batch=batch, dtype=dtype, quantize=quantize,
+                                             mesh=mesh, scan_layers=scan, scan_quantized=scan_layers is None),
+                                low_memory, vae_tiling)
+            low_memory, vae_tiling = plan.low_memory, plan.vae_tiling
+        deferred = bool(low_memory) and shapes is not None  # the transformer loads after encoding
         clip, t5 = encoders()
-        scan = default_scan_layers() if scan_layers is None else scan_layers
-        tr = load_params(Path(transformer), "transformer", mesh, dtype, scan, **_bfl_axes(root, transformer)) \
-            if transformer else load_params(root / "transformer", "transformer", mesh, dtype, scan)
         vae = load_params(root / "vae", "vae", mesh, dtype)
+        tr = (None, shapes["transformer"].config.replace(scan_layers=scan)) if deferred else load_transformer()
         dynamic, static = _scheduler_shift(root, tr[1])
-        return cls(tr, clip, t5, vae, *tokenizers, dynamic_shift=dynamic, static_shift=static, dtype=dtype,
-                   reload_text_encoders=encoders if low_memory else None, name=root.name, mesh=mesh, **kw)
+        pipe = cls(tr, clip, t5, vae, *tokenizers, dynamic_shift=dynamic, static_shift=static,
+                   dtype=dtype if dtype is not None or not deferred else memory.main_dtype(shapes["transformer"]),
+                   reload_text_encoders=encoders if low_memory else None, name=root.name, mesh=mesh,
+                   quantize=None if deferred else quantize, **kw)
+        if deferred:
+            pipe.reload_transformer, pipe.quantize = load_transformer, quantize
+        pipe.vae_tiling = vae_tiling
+        return pipe
 
     @property
     def variant(self) -> str:
@@ -217,6 +300,8 @@ class FluxPipeline(LoraMixin):
         if self.clip_params is None:
             if self.reload_text_encoders is None:
                 raise PipelineError("the text encoders were freed: encode prompts with remember_prompts() first")
+            if self.reload_transformer is not None:
+                self.params = None  # never resident together: load_transformer brings it back
             (self.clip_params, _), (self.t5_params, _) = self.reload_text_encoders()
         ids = lambda tok, p, length: sharding.put_batch(
             self.mesh, pad_rows(self._tokenize(tok, p, length), sharding.padded_batch(n, self.mesh)))
@@ -229,6 +314,18 @@ class FluxPipeline(LoraMixin):
 
     def free_text_encoders(self) -> None:
         self.clip_params = self.t5_params = None
+
+    def load_transformer(self) -> None:
+        """Load the transformer if the never-resident-together schedule freed it (see from_pretrained)."""
+        if self.params is None and self.reload_transformer is not None:
+            self.params, _ = self.reload_transformer()
+            self.quantize = qz.mode_of(self.params)
+            if self.lora_state.fused is not None:  # fused adapters were merged into the freed copy
+                self._lora_merge(self.lora_state.fused, 1.0)
+
+    def _lora_merge(self, adapters, sign: float) -> None:
+        if self.params is not None:  # else merged by load_transformer
+            super()._lora_merge(adapters, sign)
 
     @contextlib.contextmanager
     def using_variables(self, variables: dict):
@@ -277,26 +374,47 @@ class FluxPipeline(LoraMixin):
         if self._bar is not None:
             self._bar.update(max(0, int(i) + 1 - self._bar.n))  # unordered on a mesh: never step back
 
-    def _sampler(self, n_steps: int, true_cfg: bool):
-        """One jitted function: the whole Euler loop around the transformer (compiled once per shape)."""
+    def _sampler(self, n_steps: int, true_cfg: bool, cache: Optional[StepCache] = None):
+        """One jitted function: the whole Euler loop around the transformer (compiled once per shape).
+
+        It returns (latents, steps that ran the whole model): n_steps, or fewer with a step cache.
+        """
         model = self.transformer
 
         def run(params, lora, x, txt, y, guidance, sigmas, timesteps, ids, cfg_scale, cond, hook_args):
             pe = rope(ids[None], self.cfg.axes_dim, self.cfg.theta)  # one table, broadcast over the batch
+            kw = {} if cond is None else cond
 
-            def velocity(x, t):
+            def forward(img, t, **stage):  # stage: start/stop/streams, to run part of the model (see Flux)
+                return model.apply({"params": params, **lora}, img, None, txt, None, t, y, guidance, pe=pe,
+                                   **kw, **stage)
+
+            def inputs(x, t):
                 img = x.astype(self.dtype)
                 if true_cfg:  # positive and negative branches in one batched forward
                     img, t = jnp.concatenate([img, img]), jnp.concatenate([t, t])
-                kw = {} if cond is None else cond
-                v = model.apply({"params": params, **lora}, img, None, txt, None, t, y, guidance, pe=pe, **kw)
+                return img, t
+
+            def guided(v):
                 if true_cfg:
                     v_pos, v_neg = jnp.split(v.astype(jnp.float32), 2)
                     return cfg_velocity(v_pos, v_neg, cfg_scale)
                 return v
 
             hook = None if hook_args is None else (lambda i, x: self.step_hook(i, x, sigmas, hook_args))
-            return denoise(velocity, x, sigmas, timesteps, progress=self._advance, step_hook=hook)
+            loop = functools.partial(denoise, x=x, sigmas=sigmas, timesteps=timesteps, progress=self._advance,
+                                     step_hook=hook)
+            if cache is None:
+                return loop(lambda x, t: guided(forward(*inputs(x, t)))), jnp.int32(n_steps)
+            step, state = cached_model(cache, forward, *inputs(x, jnp.broadcast_to(timesteps[0], x.shape[:1])),
+                                       n_steps)
+
+            def velocity(x, t, i, state):
+                v, state = step(*inputs(x, t), i, state)
+                return guided(v), state
+
+            x, state = loop(velocity, state=state)
+            return x, steps_computed(state)
 
         return run
 
@@ -307,8 +425,13 @@ class FluxPipeline(LoraMixin):
                         guidance_scale: float, img_ids: np.ndarray, true_cfg_scale: float = 1.0,
                         neg: Optional[tuple[jax.Array, jax.Array]] = None, cond: Optional[dict] = None,
                         cond_ids: Optional[np.ndarray] = None, hook_args: Any = None,
-                        progress: bool = True) -> tuple[jax.Array, dict]:
-        """Run the jitted sampler; returns (final latents float32, {'compile': s, 'sample': s})."""
+                        progress: bool = True, cache: Union[str, StepCache, None] = None) -> tuple[jax.Array, dict]:
+        """Run the jitted sampler; returns (final latents float32, {'compile': s, 'sample': s, 'steps_computed': n}).
+
+        cache: training-free step caching (see flux_jax/cache.py), e.g. "fbcache:0.08"; steps_computed
+        counts the steps that ran the whole model.
+        """
+        cache = parse_cache(cache)
         true_cfg = neg is not None
         if true_cfg:
             txt, y = jnp.concatenate([txt, neg[0]]), jnp.concatenate([y, neg[1]])
@@ -327,22 +450,23 @@ class FluxPipeline(LoraMixin):
                 whole(np.asarray(sigmas, np.float32)), whole(model_timesteps(sigmas, self.dtype)), whole(ids),
                 whole(np.float32(true_cfg_scale)), batched(cond), batched(hook_args))
         # One executable per step count, branch structure and input shapes; compile timed apart.
-        key = str((n_steps, true_cfg, jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), args[1:])))
+        key = str((n_steps, true_cfg, cache, jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), args[1:])))
         timings = {"compile": 0.0}
         if key not in self._compiled:
             t0 = time.perf_counter()
             shardings = jax.tree_util.tree_map(lambda a: a.sharding, args)
-            sampler = jax.jit(self._sampler(n_steps, true_cfg), in_shardings=shardings,
-                              out_shardings=args[2].sharding)
+            sampler = jax.jit(self._sampler(n_steps, true_cfg, cache), in_shardings=shardings,
+                              out_shardings=(args[2].sharding, sharding.replicated(self.mesh)))
             with jax.set_mesh(self.mesh):
                 self._compiled[key] = sampler.lower(*args).compile()
             timings["compile"] = time.perf_counter() - t0
         self._bar = tqdm(total=n_steps, desc="denoising", disable=not progress or jax.process_index() != 0)
         try:
             t0 = time.perf_counter()
-            out = self._compiled[key](*args)
+            out, computed = self._compiled[key](*args)
             out.block_until_ready()
             timings["sample"] = time.perf_counter() - t0
+            timings["steps_computed"], timings["steps"] = int(computed), n_steps
         finally:
             self._bar.close()
             self._bar = None
@@ -355,7 +479,10 @@ class FluxPipeline(LoraMixin):
                  sigmas: Optional[Sequence[float]] = None, guidance_scale: Optional[float] = None,
                  num_images_per_prompt: int = 1, seed: Optional[int] = None, latents=None,
                  max_sequence_length: Optional[int] = None, output_type: str = "pil",
-                 progress: bool = True) -> FluxPipelineOutput:
+                 progress: bool = True, cache: Union[str, StepCache, None] = None) -> FluxPipelineOutput:
+        """Text to image, with diffusers' keywords; cache: training-free step caching, e.g. "fbcache:0.08"
+        or "taylorseer:4:2" (see flux_jax/cache.py; timings["steps_computed"] counts the full steps)."""
+        cache = parse_cache(cache)  # a bad setting fails before any work
         d = DEFAULTS[self.variant]
         height, width = self.check_size(d["height"] if height is None else height,
                                         d["width"] if width is None else width)
@@ -372,7 +499,7 @@ class FluxPipeline(LoraMixin):
         timings = {"encode": t_encode}
 
         out, t = self.denoise_latents(x, txt, y, sigma_schedule, guidance_scale, image_ids(h_tok, w_tok),
-                                      true_cfg_scale, neg, progress=progress)
+                                      true_cfg_scale, neg, progress=progress, cache=cache)
         timings.update(t)
         return self.finish(out, height, width, output_type, timings, batch)
 
@@ -408,6 +535,7 @@ class FluxPipeline(LoraMixin):
             neg = self.encode_prompt(neg_list, negative_prompt_2, num_images_per_prompt, max_len)
         if self.reload_text_encoders is not None:
             self.free_text_encoders()
+        self.load_transformer()
         return txt, y, neg, time.perf_counter() - t0
 
     def check_max_sequence_length(self, n: int) -> int:
@@ -446,9 +574,13 @@ class FluxPipeline(LoraMixin):
     def decode(self, latents: jax.Array, height: int, width: int) -> np.ndarray:
         """Packed latents -> float32 (B, H, W, 3) images in [0, 1], the whole batch on every process."""
         z = unscale_latents(unpack(latents, height, width), self.vae_cfg).astype(self.dtype)
+        decode = lambda z: sharding.to_host(jit_apply(self.vae, "decode", self.vae_params, z))
         with jax.set_mesh(self.mesh):
-            img = jit_apply(self.vae, "decode", self.vae_params, z)
-        return np.clip(sharding.to_host(img).astype(np.float32) / 2 + 0.5, 0, 1)
+            if tiling.use_tiling(self.vae_tiling, height, width):  # one compiled tile; the image assembled on the host
+                img = tiling.decode_tiled(lambda tile: decode(sharding.put_batch(self.mesh, tile)), sharding.to_host(z))
+            else:
+                img = decode(z)
+        return np.clip(img.astype(np.float32) / 2 + 0.5, 0, 1)
 
     def finish(self, latents: jax.Array, height: int, width: int, output_type: str, timings: dict, batch: int):
         """The first `batch` rows (the rest pad the mesh's batch shards) as output_type."""

@@ -6,6 +6,7 @@
     python -m flux_jax.sample --image photo.png --strength 0.7 --prompt "a watercolour"          # img2img
     python -m flux_jax.sample --model FLUX.1-Fill-dev --image room.png --mask sofa.png --prompt "a red sofa"
     python -m flux_jax.sample --prompt "a fox, watercolour" --lora style.safetensors:0.8    # LoRAs (repeatable)
+    python -m flux_jax.sample --prompt "a red fox" --quantize int8     # transformer and T5 weights in int8
 
 Modes (--mode, or chosen from the arguments and the checkpoint; see AUTO_RULE): text-to-image,
 Kontext editing, img2img, inpaint (any checkpoint) and Fill (a FLUX.1 Fill checkpoint).
@@ -42,12 +43,14 @@ from convert.lora import LoraError, check_lora
 from convert.transformer import BFL_PREFIX, FILL_IN_CHANNELS
 
 from . import compile_cache, distributed
+from .cache import CacheError, parse_cache
 from .config import PIXELS_PER_TOKEN, FluxConfig, parse_dtype
 from .images import default_size, load_image
 from .img2img import DEFAULT_STRENGTH, FluxImg2ImgPipeline
 from .inpaint import FILL_STRENGTH, FluxFillPipeline, FluxInpaintPipeline
 from .kontext import FluxKontextPipeline
 from .pipeline import DEFAULTS, MAX_SIDE, FluxPipeline, PipelineError
+from .quantize import MODES as QUANTIZE_MODES
 
 EXIT_BAD_INPUT = 2
 MODEL_ENV = "FLUX_JAX_MODEL"
@@ -59,6 +62,7 @@ DEMO_KONTEXT_AREA = DEMO_DEFAULTS["height"] * DEMO_DEFAULTS["width"]  # Kontext'
 FILE_PATTERN = "flux_{seed}_{index}.png"  # image names when --out is a folder
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}  # --out names refused: PNG only
 DEFAULT_LORA_SCALE = 1.0
+VAE_TILING = {"auto": None, "on": True, "off": False}  # --vae-tiling -> the pipelines' vae_tiling
 
 
 class BadInput(Exception):
@@ -89,18 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, metavar="SCALE",
                    help="guidance scale (default: dev 3.5, fill 30; schnell: none)")
     p.add_argument("--seed", type=int, metavar="N", help="random seed (default: random; printed and stored in the PNG)")
+    add_cache_argument(p)
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
     p.add_argument("--out", default=".", metavar="PATH",
                    help=f"a .png file (several images: NAME_0.png, NAME_1.png...) or a folder (files {FILE_PATTERN}); "
                         "existing files are replaced (default: the current folder)")
     add_mode_arguments(p)
+    add_memory_arguments(p)
     distributed.add_arguments(p)
     compile_cache.add_argument(p)
     return p
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Which model, and how it is held: --model/--demo, --transformer, --dtype, --low-memory (shared with generate)."""
+    """Which model, and how it is held: --model/--demo, --transformer, --dtype, --low-memory, --quantize
+    (shared with generate)."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH",
                      help=f"FLUX.1 folder (diffusers layout or converted by `python -m convert`); "
@@ -111,7 +118,28 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="transformer weights to use instead of the model's: a BFL .safetensors file, "
                         "a diffusers transformer/ folder or a converted one")
     p.add_argument("--dtype", metavar="NAME", help="bf16, fp16 or fp32 (default: bf16 on GPU/TPU, fp32 on CPU)")
-    p.add_argument("--low-memory", action="store_true", help="free the text encoders while the transformer runs")
+    p.add_argument("--low-memory", action=argparse.BooleanOptionalAction,
+                   help="never hold the text encoders and the transformer in memory together (default: only when "
+                        "all models together would not fit)")
+    p.add_argument("--quantize", choices=tuple(QUANTIZE_MODES),
+                   help="weight-only quantization of the transformer's and T5's block kernels, applied while loading "
+                        "(int8: per output channel; int4, nf4: groups of 64); a model converted with --quantize "
+                        "loads quantized without it")
+
+
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
+    """--vae-tiling and --no-memory-check (shared with generate; see flux_jax.memory and flux_jax.tiling)."""
+    p.add_argument("--vae-tiling", choices=tuple(VAE_TILING), default="auto",
+                   help="decode the image in overlapping tiles: auto (above 2048x2048 pixels, or when memory "
+                        "needs it), on or off")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="load without first checking that the estimated peak memory fits on the device")
+
+
+def memory_options(args: argparse.Namespace, batch: int) -> dict:
+    """from_pretrained's memory keywords: the size to check the estimate for, tiling, the check itself."""
+    return dict(height=args.height, width=args.width, batch=batch, vae_tiling=VAE_TILING[args.vae_tiling],
+                check_memory=not args.no_memory_check)
 
 
 def add_lora_argument(p: argparse.ArgumentParser) -> None:
@@ -120,6 +148,20 @@ def add_lora_argument(p: argparse.ArgumentParser) -> None:
                    help=f"a LoRA (.safetensors in diffusers/PEFT, kohya, OneTrainer, ComfyUI or XLabs keys, or a "
                         f"folder holding one) applied at SCALE "
                         f"(default {DEFAULT_LORA_SCALE:g}); repeat for several")
+
+
+def add_cache_argument(p: argparse.ArgumentParser) -> None:
+    """--cache SPEC: training-free step caching (shared with generate; see flux_jax/cache.py)."""
+    p.add_argument("--cache", type=cache_argument, metavar="SPEC",
+                   help="skip work on steps close to the previous ones: fbcache:THRESHOLD (e.g. fbcache:0.08) "
+                        "or taylorseer:INTERVAL[:ORDER] (e.g. taylorseer:4:2); default: every step computed")
+
+
+def cache_argument(text: str):
+    try:
+        return parse_cache(text)
+    except CacheError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def lora_argument(text: str) -> tuple[str, float]:
@@ -450,19 +492,24 @@ def model_label(root: Path, transformer: Optional[str]) -> str:
 def load_pipeline(args, root: Optional[Path], mode: Mode, dtype, **kw) -> tuple[FluxPipeline, str]:
     """(pipeline with the --lora adapters, model label), of the model folder `root` or the demo model;
     bad model or LoRA files are bad input. Extra keywords (generate's mesh=) go to the loader."""
+    if args.quantize:
+        kw["quantize"] = args.quantize
     pipe, label = _load_model(args, root, mode, dtype, **kw)
-    return pipe, label + apply_loras(pipe, args.lora)
+    quantized = f" [{pipe.quantize}]" if pipe.quantize else ""  # also a checkpoint saved quantized
+    return pipe, label + quantized + apply_loras(pipe, args.lora)
 
 
-def _load_model(args, root: Optional[Path], mode: Mode, dtype, **kw) -> tuple[FluxPipeline, str]:
+def _load_model(args, root: Optional[Path], mode: Mode, dtype, batch: int = 1, **kw) -> tuple[FluxPipeline, str]:
     if root is None:
         from .demo import NOISE_NOTICE, make_demo_pipeline
         print(f"note: {NOISE_NOTICE}", file=sys.stderr)
-        return make_demo_pipeline(mode.demo_variant, cls=mode.pipeline, dtype=dtype, **kw), "demo (random weights)"
+        pipe = make_demo_pipeline(mode.demo_variant, cls=mode.pipeline, dtype=dtype, **kw)
+        pipe.vae_tiling = VAE_TILING[args.vae_tiling]
+        return pipe, "demo (random weights)"
     print(f"loading {root}", file=sys.stderr)
     try:
         pipe = mode.pipeline.from_pretrained(root, dtype=dtype, transformer=args.transformer,
-                                             low_memory=args.low_memory, **kw)
+                                             low_memory=args.low_memory, **memory_options(args, batch), **kw)
     except PipelineError as e:
         raise BadInput(str(e)) from None
     except Exception as e:  # corrupt files surface as many types (safetensors, orbax, json, tokenizers)
@@ -489,7 +536,7 @@ def call_kwargs(args, mode: Mode) -> dict:
     """The pipeline's __call__ keywords; None leaves a value to the pipeline's defaults for its variant."""
     kw = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
               negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg,
-              num_images_per_prompt=args.num_images)
+              num_images_per_prompt=args.num_images, cache=args.cache)
     if args.demo:
         kw.update({k: v for k, v in DEMO_DEFAULTS.items() if kw[k] is None})
     return {**kw, **mode.call_kwargs}
@@ -503,11 +550,12 @@ def output_paths(out: Path, seed: int, n: int) -> list[Path]:
 
 def png_info(prompt: str, seed: int, steps: int, guidance: float, image, label: str, index: int = 0,
              num_images: int = 1, negative_prompt: Optional[str] = None, true_cfg: float = 1.0,
-             mode_metadata: Optional[dict] = None) -> dict:
+             mode_metadata: Optional[dict] = None, cache=None) -> dict:
     """The PNG text chunks of an image: what reproduces it with `sample` (shared with generate, whose
     files are then byte-identical to sample's for the same prompt, seed and settings)."""
     # seed, index and num_images reproduce an image: each prompt's batch starts from the seed.
     extra = dict(negative_prompt=negative_prompt, true_cfg=true_cfg) if negative_prompt else {}
+    extra.update({"cache": str(cache)} if cache else {})
     return dict(prompt=prompt, seed=seed, steps=steps, guidance=guidance, size="%dx%d" % image.size, model=label,
                 index=index, num_images=num_images, software="flux-jax", **extra,
                 **(mode_metadata or {"mode": "text"}))
@@ -541,7 +589,7 @@ def generate(args, prompts: list[str], out: Path, root: Optional[Path], mode: Mo
     paths = iter(output_paths(out, seed, len(prompts) * args.num_images))
     print(f"seed: {seed}", file=sys.stderr)
     t0 = time.perf_counter()
-    pipe, label = load_pipeline(args, root, mode, dtype)
+    pipe, label = load_pipeline(args, root, mode, dtype, batch=args.num_images)
     load_s = time.perf_counter() - t0
     check_checkpoint(mode.name, pipe.variant == "fill", label)  # when its kind could not be read before loading
 
@@ -560,13 +608,15 @@ def generate(args, prompts: list[str], out: Path, root: Optional[Path], mode: Mo
             totals[key] = totals.get(key, 0.0) + value
         for j, image in enumerate(result.images):
             info = png_info(prompt, seed, steps, guidance, image, label, j, args.num_images, args.negative_prompt,
-                            args.true_cfg, mode.metadata)
+                            args.true_cfg, mode.metadata, args.cache)
             path = next(paths)
             if main_process:
                 save_png(image, path, info)
                 print(path)
     t = lambda key: totals.get(key, 0.0)
     image = f"image encoding {t('encode_image'):.1f} s, " if "encode_image" in totals else ""
+    if args.cache:
+        print(f"{args.cache}: {t('steps_computed'):.0f} of {t('steps'):.0f} steps computed", file=sys.stderr)
     print(f"compile {t('compile'):.1f} s, sampling {t('sample'):.1f} s (load {load_s:.1f} s, "
           f"text encoding {t('encode'):.1f} s, {image}decoding {t('decode'):.1f} s)", file=sys.stderr)
 

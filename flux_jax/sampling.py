@@ -7,7 +7,7 @@ their float32 arithmetic is bit-identical to diffusers'; the loop itself is JAX.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +119,7 @@ def model_timesteps(sigmas, dtype=jnp.float32) -> np.ndarray:
 
 def denoise(velocity_fn: VelocityFn, x: jax.Array, sigmas: jax.Array, timesteps: Optional[jax.Array] = None,
             progress: Optional[Callable[[int], None]] = None,
-            step_hook: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None) -> jax.Array:
+            step_hook: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None, state: Any = None):
     """Euler-integrate x from sigmas[0] to sigmas[-1] in one `lax.fori_loop`; jit the caller.
 
     velocity_fn(x, t) -> v, with t of shape (B,) = `timesteps[i]` (default
@@ -129,6 +129,8 @@ def denoise(velocity_fn: VelocityFn, x: jax.Array, sigmas: jax.Array, timesteps:
     sigmas/timesteps may be traced (new values don't recompile); their length fixes the step
     count. progress(i) is an ordered host callback after each step (see `tqdm_progress`);
     step_hook(i, x) -> x runs after each step (inpainting re-imposes the known region there).
+    state: a pytree carried from step to step (step caching, see flux_jax/cache.py): then
+    velocity_fn(x, t, i, state) -> (v, state) and the result is (x, final state).
     """
     num_steps = sigmas.shape[0] - 1
     if timesteps is None:
@@ -139,19 +141,23 @@ def denoise(velocity_fn: VelocityFn, x: jax.Array, sigmas: jax.Array, timesteps:
     timesteps = jnp.asarray(timesteps)
     batch = x.shape[0]
     multi_device = on_mesh()
+    stateful = state is not None
+    velocity = velocity_fn if stateful else (lambda x, t, i, state: (velocity_fn(x, t), state))
 
-    def body(i, x):
+    def body(i, carry):
+        x, state = carry
         t = jnp.broadcast_to(timesteps[i], (batch,))
-        v = velocity_fn(x, t).astype(jnp.float32)
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        v, state = velocity(x, t, i, state)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)
         if step_hook is not None:
             x = step_hook(i, x)
         if progress is not None:
             # Ordered effects exist on one device only; on a mesh the bar just tolerates reordering.
             jax.debug.callback(progress, i, ordered=not multi_device)
-        return x
+        return x, state
 
-    return jax.lax.fori_loop(0, num_steps, body, jnp.asarray(x, jnp.float32))
+    x, state = jax.lax.fori_loop(0, num_steps, body, (jnp.asarray(x, jnp.float32), state if stateful else ()))
+    return (x, state) if stateful else x
 
 
 def tqdm_progress(total: int, desc: str = "sampling"):

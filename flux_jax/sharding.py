@@ -171,8 +171,12 @@ def logical_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh_shape
 
 
 def param_axes(path: str, ndim: int) -> tuple[Optional[str], ...]:
-    """Logical names of a param's dims from PARAM_AXES (leading layer axes: None)."""
-    key = path[:-len("bias")] + "kernel" if path.endswith("/bias") else path
+    """Logical names of a param's dims from PARAM_AXES (leading layer axes: None).
+
+    The parts of a quantized kernel (".../kernel/int8", ".../kernel/scale": see flux_jax/quantize.py)
+    take the kernel's names: packed values and group scales split where their shorter dims allow.
+    """
+    key = path[:-len("bias")] + "kernel" if path.endswith("/bias") else re.sub(r"/kernel/\w+$", "/kernel", path)
     for pattern, axes in PARAM_AXES:
         if re.search(pattern, key):
             if path.endswith("/bias"):

@@ -63,7 +63,8 @@ def load_model(args, root: Optional[Path], examples, dtype, mesh) -> tuple[FluxP
     if root is None:
         root = write_demo_base(args, examples, Path(args.output), dtype, mesh)
     try:
-        return cls.from_pretrained(root, dtype=dtype, transformer=args.transformer, mesh=mesh), root
+        # check_memory=False: training's memory is not the inference estimate, and it needs pipe.params loaded
+        return cls.from_pretrained(root, dtype=dtype, transformer=args.transformer, mesh=mesh, check_memory=False), root
     except PipelineError as e:
         raise BadInput(str(e)) from None
 

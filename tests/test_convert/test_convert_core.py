@@ -85,3 +85,20 @@ def test_cli_round_trip_keeps_bf16(tmp_path, tiny_state):
     assert run_cli(tmp_path / "transformer", tmp_path / "ckpt32", "--dtype", "fp32").returncode == 0
     assert load_component(tmp_path / "ckpt32")[0]["img_in"]["kernel"].dtype == np.float32
 
+
+
+def test_cli_quantize_keeps_values_and_casts_scales(tmp_path):
+    """--quantize int4 with --dtype bf16: packed 4-bit values stay uint8, only float params are cast;
+    the mode is in the config (loading reads it); a bad mode is one error line, nothing written."""
+    model = diffusers_transformer(TINY, seed=5)
+    model.save_pretrained(tmp_path / "transformer")
+    res = run_cli(tmp_path / "transformer", tmp_path / "ckpt", "--quantize", "int4", "--dtype", "bf16")
+    assert res.returncode == 0, res.stderr
+    params, _ = load_component(tmp_path / "ckpt")
+    kernel = params["single_blocks"]["linear1"]["kernel"]
+    rows, cols = TINY.hidden_size, 3 * TINY.hidden_size + TINY.mlp_hidden
+    assert kernel["int4"].dtype == np.uint8 and kernel["int4"].shape == (TINY.depth_single_blocks, rows // 2, cols)
+    assert kernel["scale"].dtype == ml_dtypes.bfloat16 and params["img_in"]["kernel"].dtype == ml_dtypes.bfloat16
+    assert json.loads((tmp_path / "ckpt" / "flux_jax_config.json").read_text())["quantize"] == "int4"
+    res = run_cli(tmp_path / "transformer", tmp_path / "bad", "--quantize", "int3")
+    assert res.returncode == 2 and "invalid choice: 'int3'" in res.stderr and not (tmp_path / "bad").exists()
