@@ -9,8 +9,9 @@ The model is a real-size FLUX.1-dev folder in the diffusers layout with random b
 Each mode runs `python -m flux_jax.sample --model DIR --dtype bf16 [--quantize MODE]` in its own
 process (two prompts: the second image is the timed one), through a driver that prints the device's
 `memory_stats()['peak_bytes_in_use']` at the end. On CPU the peak is the process's peak RSS (the
-kernel's ru_maxrss), and a run the memory estimate refuses must exit with one `error:` line, not be
-killed. Goals (the small-GPU issue): CPU int8 ≤ 16 GB RSS, int4 ≤ 10 GB, bf16 refused with the clear
+kernel's ru_maxrss; RssAnon / RssFile sampled), and a run the memory estimate refuses must exit with
+one `error:` line, not be killed. On CPU every run gets `--low-memory` (never resident together: the
+smallest schedule), since the automatic plan keeps all models resident whenever the host has room. Goals (the small-GPU issue): CPU int8 ≤ 16 GB RSS, int4 ≤ 10 GB, bf16 refused with the clear
 error on this 24 GiB host; GPU bf16 ≤ 26 GB, int8 ≤ 14 GB, int4 ≤ 8 GB, int8 within 1.15× of bf16's time.
 """
 from __future__ import annotations
@@ -47,14 +48,17 @@ TIMINGS = re.compile(r"compile ([\d.]+) s, sampling ([\d.]+) s \(load ([\d.]+) s
 PROMPTS = ("a red fox in the snow", "a lighthouse at dusk")
 
 
-def run_mode(model: Path, mode: str, size: int, steps: int, out: Path) -> dict:
+def run_mode(model: Path, mode: str, size: int, steps: int, out: Path, low_memory: bool) -> dict:
     cmd = [sys.executable, "-c", DRIVER, "--model", str(model), "--dtype", "bf16", "--width", str(size),
            "--height", str(size), "--steps", str(steps), "--seed", "0", "--out", str(out / mode),
            "--no-compile-cache", *[a for p in PROMPTS for a in ("--prompt", p)]]
     if mode != "bf16":
         cmd += ["--quantize", mode]
+    if low_memory:
+        cmd.append("--low-memory")
     r = run_measured(cmd)
-    row = {"mode": mode, "rc": r["rc"], "wall_s": r["wall_s"], "rss_gb": r["peak_rss"] / GB}
+    row = {"mode": mode, "rc": r["rc"], "wall_s": r["wall_s"], "rss_gb": r["peak_rss"] / GB,
+           "anon_gb": r.get("RssAnon", 0) / GB, "file_gb": r.get("RssFile", 0) / GB}
     lines = r["output"].splitlines()
     errors = [ln for ln in lines if ln.startswith("error:")]
     if errors:
@@ -102,7 +106,11 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--size", type=int, help="image side (default: 1024 on --gpu, else 256)")
     ap.add_argument("--steps", type=int, help="denoising steps (default: 28 on --gpu, else 1)")
+    ap.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                    help="pass --low-memory (never resident together) to every run (default: on CPU, where the "
+                         "automatic plan would keep every model resident whenever the host has room)")
     args = ap.parse_args()
+    args.low_memory = not args.gpu if args.low_memory is None else args.low_memory
     size = args.size or (1024 if args.gpu else 256)
     steps = args.steps or (28 if args.gpu else 1)
     model, written = args.model, None
@@ -115,9 +123,10 @@ def main() -> None:
         rows = []
         for mode in args.modes:
             print(f"{mode} ...", flush=True)
-            rows.append(run_mode(model, mode, size, steps, out))
+            rows.append(run_mode(model, mode, size, steps, out, args.low_memory))
             print(f"  {json.dumps(rows[-1])}", flush=True)
-        print(f"\nmodel: {model}, {size}², {steps} steps, bf16 compute, {len(PROMPTS)} images a mode")
+        print(f"\nmodel: {model}, {size}², {steps} steps, bf16 compute, {len(PROMPTS)} images a mode, "
+              f"{'--low-memory' if args.low_memory else 'automatic schedule'}")
         print_table(rows, args.gpu)
     finally:
         shutil.rmtree(out, ignore_errors=True)

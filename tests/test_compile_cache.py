@@ -51,7 +51,7 @@ def test_second_process_reads_its_programs_from_the_cache(tmp_path):
     second = run_sample(tmp_path, "b.png", str(cache))
     # Every written program is read back; only the quick ones (never written) are compiled again.
     assert second["hits"] == len(written) and second["misses"] == first["misses"] - len(written)
-    assert sorted(cache.glob("*-cache")) == written
+    assert set(written) <= set(cache.glob("*-cache"))  # (a program near the time threshold may be added)
     a, b = (np.asarray(Image.open(tmp_path / f)) for f in ("a.png", "b.png"))
     np.testing.assert_array_equal(a, b)  # a loaded executable computes the same image
 
