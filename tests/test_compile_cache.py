@@ -18,7 +18,9 @@ from flux_jax import compile_cache
 DRIVER = """
 import json, sys
 import jax
+from flux_jax import compile_cache
 from flux_jax.sample import main
+compile_cache.MIN_COMPILE_SECS = 0.0  # every program written: counts that do not depend on the machine's load
 counts = {"hits": 0, "misses": 0}
 def listen(event, **_):
     for name in counts:
@@ -45,13 +47,12 @@ def run_sample(tmp: Path, out: str, env_cache: str, *flags: str) -> dict:
 def test_second_process_reads_its_programs_from_the_cache(tmp_path):
     cache = tmp_path / "cache"
     first = run_sample(tmp_path, "a.png", str(cache))
-    written = sorted(cache.glob("*-cache"))  # one file per executable that took MIN_COMPILE_SECS to compile
+    written = sorted(cache.glob("*-cache"))  # one file per program compiled (MIN_COMPILE_SECS 0 here)
     assert first["rc"] == 0 and first["dir"] == str(cache)
-    assert first["hits"] == 0 and written  # the denoising loop at least
+    assert first["hits"] == 0 and len(written) == first["misses"] >= 1
     second = run_sample(tmp_path, "b.png", str(cache))
-    # Every written program is read back; only the quick ones (never written) are compiled again.
-    assert second["hits"] == len(written) and second["misses"] == first["misses"] - len(written)
-    assert set(written) <= set(cache.glob("*-cache"))  # (a program near the time threshold may be added)
+    assert second["hits"] == len(written) and second["misses"] == 0  # nothing compiled again
+    assert sorted(cache.glob("*-cache")) == written
     a, b = (np.asarray(Image.open(tmp_path / f)) for f in ("a.png", "b.png"))
     np.testing.assert_array_equal(a, b)  # a loaded executable computes the same image
 
