@@ -2,6 +2,7 @@
 
     python benchmarks/realsize.py DIR          # ~34 GB: transformer 23.8 GB (3 shards), T5-XXL 9.5 GB (2 shards),
                                                # CLIP-L, the VAE, offline tokenizers, scheduler, model_index.json
+    python benchmarks/realsize.py DIR --double 1 --single 2 --t5-layers 1   # real widths, few blocks (1.8 GB)
 
 Values do not matter (memory and conversion benchmarks, never quality): each tensor is a slice of one
 repeated block of random normal bf16, written header first then tensor by tensor, so the host never
@@ -18,6 +19,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -121,8 +123,10 @@ def write_component(src: Path, dst: Path, name: str, overrides: dict, seed: int)
     return total
 
 
-def write_realsize_folder(path: Path, seed: int = 0) -> dict[str, int]:
-    """Write the folder at `path` (replacing nothing: it must not exist); returns bytes by component."""
+def write_realsize_folder(path: Path, seed: int = 0, double: Optional[int] = None, single: Optional[int] = None,
+                          t5_layers: Optional[int] = None) -> dict[str, int]:
+    """Write the folder at `path` (replacing nothing: it must not exist); returns bytes by component.
+    double, single, t5_layers: fewer blocks than published (None: as published), all widths real."""
     from pipeline_fixtures import make_flux_folder
 
     path = Path(path)
@@ -135,8 +139,12 @@ def write_realsize_folder(path: Path, seed: int = 0) -> dict[str, int]:
         shutil.rmtree(part, ignore_errors=True)
         shutil.copytree(tiny, part, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json", "config.json"))
         shutil.copy(tiny / "model_index.json", part / "model_index.json")
-        sizes = {}
-        for k, (name, overrides) in enumerate(published_sizes().items()):
+        sizes, configs = {}, published_sizes()
+        depths = {"transformer": dict(num_layers=double, num_single_layers=single), "text_encoder_2": dict(
+            num_layers=t5_layers, num_decoder_layers=t5_layers)}
+        for name, fields in depths.items():
+            configs[name].update({k: v for k, v in fields.items() if v is not None})
+        for k, (name, overrides) in enumerate(configs.items()):
             sizes[name] = write_component(tiny / name, part / name, name, overrides, seed * 10 + k)
         part.rename(path)  # complete or absent
         return sizes
@@ -147,8 +155,11 @@ def write_realsize_folder(path: Path, seed: int = 0) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path)
+    ap.add_argument("--double", type=int, help="double-stream blocks (default: 19, as published)")
+    ap.add_argument("--single", type=int, help="single-stream blocks (default: 38)")
+    ap.add_argument("--t5-layers", type=int, help="T5 encoder layers (default: 24)")
     args = ap.parse_args()
-    sizes = write_realsize_folder(args.dir)
+    sizes = write_realsize_folder(args.dir, double=args.double, single=args.single, t5_layers=args.t5_layers)
     print(", ".join(f"{k} {v / GB:.2f} GB" for k, v in sizes.items()), f"= {sum(sizes.values()) / GB:.1f} GB")
 
 

@@ -5,6 +5,10 @@
 
 Prints a table: median seconds per forward, JAX/torch ratio, JAX compile time, TFLOP/s, and the
 relative L2 difference of the two outputs (a sanity check that both ran the same function).
+With --breakdown (CPU), a profile of where each framework's time goes: every projection matmul of
+the forward timed alone at its shape (jnp.dot vs torch.mm), the attention core alone (the one
+layers.attention_impl picks vs torch's scaled_dot_product_attention) times the blocks, and the
+rest (norms, RoPE, modulation, concatenations); and the time 0.8x torch's forward leaves.
 """
 from __future__ import annotations
 
@@ -24,6 +28,60 @@ def flops(depth: int, depth_single: int, hidden: int, mlp_ratio: float, n_txt: i
     single = 2 * tokens * (d * (3 * d + mlp) + (d + mlp) * d)  # linear1, linear2
     attn = 4 * tokens * tokens * d  # QK^T and AV
     return batch * (depth * (double + attn) + depth_single * (single + attn))
+
+
+def matmul_shapes(depth: int, depth_single: int, cfg, n_txt: int, n_img: int) -> dict[tuple[int, int, int], int]:
+    """{(M, K, N): count} of the forward's token-wise projections (the embedders' M = 1 GEMVs left out)."""
+    d, mlp = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+    shapes: dict[tuple[int, int, int], int] = {}
+    add = lambda m, k, n, c=1: shapes.__setitem__((m, k, n), shapes.get((m, k, n), 0) + c)
+    add(n_img, cfg.in_channels, d)  # img_in
+    add(n_txt, cfg.context_in_dim, d)  # txt_in
+    for m in (n_img, n_txt):  # the double blocks' two streams
+        for k, n in ((d, 3 * d), (d, d), (d, mlp), (mlp, d)):
+            add(m, k, n, depth)
+    add(n_txt + n_img, d, 3 * d + mlp, depth_single)  # linear1
+    add(n_txt + n_img, d + mlp, d, depth_single)  # linear2
+    add(n_img, d, cfg.in_channels)  # final_layer
+    return shapes
+
+
+def breakdown(cfg, depth: int, depth_single: int, n_txt: int, n_img: int, repeats: int, jdtype, tdtype) -> dict:
+    """Seconds of the forward's matmuls and attention cores, each timed alone, in JAX and torch."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    rng = np.random.default_rng(0)
+    out = {"jax matmuls": 0.0, "torch matmuls": 0.0}
+    dot = jax.jit(jnp.dot)
+    for (m, k, n), count in matmul_shapes(depth, depth_single, cfg, n_txt, n_img).items():
+        a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+        ja, jb = jnp.asarray(a, jdtype), jnp.asarray(b, jdtype)
+        ta, tb = torch.from_numpy(a).to(tdtype), torch.from_numpy(b).to(tdtype)
+        dot(ja, jb).block_until_ready()
+        out["jax matmuls"] += count * median_time(lambda: dot(ja, jb), repeats, lambda o: o.block_until_ready())
+        with torch.inference_mode():
+            torch.mm(ta, tb)
+            out["torch matmuls"] += count * median_time(lambda: torch.mm(ta, tb), repeats, lambda o: None)
+    heads, head_dim, tokens = cfg.num_heads, cfg.hidden_size // cfg.num_heads, n_txt + n_img
+    q, k, v = (rng.standard_normal((1, tokens, heads, head_dim), np.float32) for _ in range(3))
+    from flux_jax.layers import PER_HEAD, attention_impl, per_head_attention
+
+    impl = attention_impl(jdtype)  # as the forward runs it
+    attend = jax.jit(per_head_attention if impl == PER_HEAD else
+                     lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl))
+    jq, jk, jv = (jnp.asarray(x, jdtype) for x in (q, k, v))
+    attend(jq, jk, jv).block_until_ready()
+    out["jax attention"] = (depth + depth_single) * median_time(lambda: attend(jq, jk, jv), repeats,
+                                                                 lambda o: o.block_until_ready())
+    tq, tk, tv = (torch.from_numpy(x).to(tdtype).transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.inference_mode():
+        sdpa(tq, tk, tv)
+        out["torch attention"] = (depth + depth_single) * median_time(lambda: sdpa(tq, tk, tv), repeats,
+                                                                       lambda o: None)
+    return out
 
 
 def median_time(fn, repeats: int, sync) -> float:
@@ -51,6 +109,8 @@ def main() -> None:
     ap.add_argument("--no-scan", action="store_true",
                     help="unrolled blocks with per-layer params (FluxConfig.scan_layers=False)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the forward's matmuls and attention alone in both frameworks (a profile)")
     args = ap.parse_args()
     gpu = args.gpu
     depth = args.depth if args.depth is not None else (19 if gpu else 1)
@@ -100,7 +160,7 @@ def main() -> None:
     print(f"weights ready in {time.perf_counter() - t0:.1f} s")
 
     model = Flux(cfg, jdtype)
-    rows = []
+    rows, profiles = [], []
     for side in sizes:
         h = w = side // PIXELS_PER_TOKEN
         rng = np.random.default_rng(0)
@@ -142,6 +202,9 @@ def main() -> None:
             diff = float("nan") if b is None else np.linalg.norm(a - b) / np.linalg.norm(b)
             rows.append((f"{side}x{side}", impl or "auto", h * w, t_torch, t_jax, t_jax / t_torch, t_compile,
                          tf / t_jax, tf / t_torch, diff))
+        if args.breakdown and not args.no_torch:
+            parts = breakdown(cfg, depth, single, n_txt, h * w, args.repeats, jdtype, tdtype)
+            profiles.append((f"{side}x{side}", t_torch, rows[-1][4], parts))
 
     print()
     print(f"{'image':>9} {'attn':>6} {'img tok':>7} {'torch s':>9} {'jax s':>9} {'jax/torch':>9} {'compile s':>9} "
@@ -149,6 +212,20 @@ def main() -> None:
     for r in rows:
         print(f"{r[0]:>9} {r[1]:>6} {r[2]:>7} {r[3]:>9.4f} {r[4]:>9.4f} {r[5]:>9.2f} {r[6]:>9.1f} {r[7]:>9.1f} "
               f"{r[8]:>10.1f} {r[9]:>9.2e}")
+    if profiles:
+        print_breakdown(profiles)
+
+
+def print_breakdown(profiles: list) -> None:
+    """Where each framework's forward time goes, and what 0.8x torch's total would leave."""
+    print("\n| image | framework | forward s | matmuls alone s | attention alone s | rest s | "
+          "0.8x torch s | 0.8x torch - matmuls s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for image, t_torch, t_jax, parts in profiles:
+        for name, total in (("torch", t_torch), ("jax", t_jax)):
+            mm, att = parts[f"{name} matmuls"], parts[f"{name} attention"]
+            print(f"| {image} | {name} | {total:.3f} | {mm:.3f} | {att:.3f} | {total - mm - att:.3f} | "
+                  f"{0.8 * t_torch:.3f} | {0.8 * t_torch - mm:.3f} |")
 
 
 if __name__ == "__main__":

@@ -104,21 +104,52 @@ def apply_rope(x: jax.Array, pe: jax.Array) -> jax.Array:
     return jnp.stack([re, im], axis=-1).reshape(x.shape).astype(x.dtype)
 
 
-def attention_impl(dtype) -> Optional[str]:
-    """cuDNN's fused flash attention on NVIDIA GPUs in half precision, XLA's otherwise.
+PER_HEAD = "per_head"  # attention_impl's name for per_head_attention
 
-    jax.nn.dot_product_attention does not pick cuDNN by itself; FLUX_JAX_ATTENTION=xla|cudnn overrides.
+
+def attention_impl(dtype) -> Optional[str]:
+    """cuDNN's fused flash attention on NVIDIA GPUs in half precision, per_head_attention on CPU,
+    XLA's otherwise.
+
+    jax.nn.dot_product_attention does not pick cuDNN by itself; FLUX_JAX_ATTENTION=xla|cudnn|per_head overrides.
     """
     forced = os.environ.get("FLUX_JAX_ATTENTION")
     if forced:
         return forced
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return PER_HEAD
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and jax.default_backend() == "gpu" else None
+    return "cudnn" if half and backend == "gpu" else None
+
+
+def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention over (B, L, H, D), one (row, head) at a time (lax.map) with 2-D matmuls.
+
+    The math of jax.nn.dot_product_attention (float32 logits and softmax, probabilities in v's dtype),
+    in another order: on CPU, XLA's batched version makes several passes over every head's L×L
+    logits at once (226 MB at 1536 tokens and 24 heads), one head's (9 MB) stays in cache. Measured
+    on 2 cores, fp32, 1536 tokens: forward 0.26 s vs 0.63 s, with its gradient 0.95 s vs 1.25 s.
+    """
+    b, length, heads, dim = q.shape
+    rows = lambda x: x.transpose(0, 2, 1, 3).reshape(b * heads, x.shape[1], dim)
+
+    def one(qkv):
+        qh, kh, vh = qkv
+        logits = jnp.dot(qh, kh.T, preferred_element_type=jnp.float32) * (dim ** -0.5)
+        probs = jax.nn.softmax(logits, axis=-1).astype(vh.dtype)
+        return jnp.dot(probs, vh, preferred_element_type=jnp.float32).astype(vh.dtype)
+
+    out = jax.lax.map(one, (rows(q), rows(k), rows(v)))
+    return out.reshape(b, heads, length, dim).transpose(0, 2, 1, 3)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array) -> jax.Array:
     q, k = apply_rope(q, pe), apply_rope(k, pe)
-    return jax.nn.dot_product_attention(q, k, v, implementation=attention_impl(q.dtype))
+    impl = attention_impl(q.dtype)
+    if impl == PER_HEAD:
+        return per_head_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array) -> jax.Array:

@@ -6,15 +6,18 @@ file), converted tensor by tensor: each tensor is placed with its NamedSharding 
 is read, and identity/transpose tensors are read only where a local device needs them (slices
 of the memory map). Host memory beyond what the devices hold stays at about one tensor.
 
-Stacked layer params (nn.scan layouts) are assembled on the devices from per-layer pieces.
+Stacked layer params (nn.scan layouts) are assembled on the devices from per-layer pieces, each
+written into its preallocated stack as it comes.
 With `quantize`, each targeted kernel is quantized on its devices right after it is placed, and its
 float copy dropped (flux_jax/quantize.py): the float model never exists whole, anywhere.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import re
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +26,11 @@ from jax.sharding import Mesh
 
 from . import quantize as qz, sharding
 
-# Param stacks with a leading layer axis, by component (the transformer's only when scanned).
-STACKS = {"transformer": ("double_blocks", "single_blocks"), "text_encoder": ("layers",),
-          "text_encoder_2": ("layers",), "vae": ()}
+# Param stacks with a leading layer axis, by component (the transformer's only when scanned), each
+# with the config field holding its number of layers.
+STACKS = {"transformer": {"double_blocks": "depth", "single_blocks": "depth_single_blocks"},
+          "text_encoder": {"layers": "num_layers"}, "text_encoder_2": {"layers": "num_layers"}, "vae": {}}
+STACK_NAMES = tuple({stack for stacks in STACKS.values() for stack in stacks})
 
 
 class LoadError(ValueError):
@@ -52,27 +57,62 @@ def _split(path: str, stacks: tuple[str, ...]) -> Optional[tuple[str, int]]:
     return None
 
 
-def assemble(mesh: Mesh, pieces: Iterable[tuple[str, jax.Array]], stacks: tuple[str, ...]) -> dict:
-    """Per-layer (path, array) pieces -> a nested param dict, stacking the `stacks` on the devices."""
+def assemble(mesh: Mesh, pieces: Iterable[tuple[str, jax.Array]], stacks: Mapping[str, int]) -> dict:
+    """Per-layer (path, array) pieces -> a nested param dict, the `stacks` ({name: layers}) stacked on
+    the devices. A stacked leaf is allocated whole when its first layer arrives and each layer is
+    written into it in place (a donated buffer) and dropped: memory holds the params plus one piece."""
     from convert.core import unflatten
 
     flat: dict[str, jax.Array] = {}
-    layers: dict[str, dict[int, jax.Array]] = {}
+    written: dict[str, set[int]] = {}
     for path, arr in pieces:
-        split = _split(path, stacks)
+        split = _split(path, tuple(stacks))
         if split is None:
             flat[path] = arr
-        else:
-            layers.setdefault(split[0], {})[split[1]] = arr
-    for path, by_layer in layers.items():
-        n = len(by_layer)
-        if sorted(by_layer) != list(range(n)):
-            raise LoadError(f"{path}: layers {sorted(set(range(max(by_layer) + 1)) - set(by_layer))} missing")
-        parts = [by_layer.pop(i) for i in range(n)]
-        target = sharding.param_sharding(mesh, path, (n, *parts[0].shape))
-        flat[path] = jax.jit(lambda *a: jnp.stack(a), out_shardings=target)(*parts)
-        del parts  # the per-layer copies go as soon as the stack exists
+            continue
+        key, i = split
+        n = stacks[key.partition("/")[0]]
+        if i >= n:
+            raise LoadError(f"{path}: layer {i} of a model with {n}")
+        if key not in flat:
+            target = sharding.param_sharding(mesh, key, (n, *arr.shape))
+            flat[key] = jnp.zeros((n, *arr.shape), arr.dtype, device=target)
+            written[key] = set()
+        if arr.shape != flat[key].shape[1:]:
+            raise LoadError(f"{path}: shape {arr.shape} differs from the other layers' {flat[key].shape[1:]}")
+        flat[key] = _write_layer(flat[key].sharding)(flat[key], arr, np.int32(i))
+        written[key].add(i)
+        del arr  # the per-layer copy goes as soon as it is written
+    for key, got in written.items():
+        missing = set(range(stacks[key.partition("/")[0]])) - got
+        if missing:
+            raise LoadError(f"{key}: layers {sorted(missing)} missing")
+    release_host_memory()
     return unflatten(flat)
+
+
+@functools.lru_cache(maxsize=None)
+def _write_layer(target):
+    """stack, layer, i -> the stack with layer i replaced, in the stack's (donated) buffer, on `target`."""
+    return jax.jit(lambda stack, layer, i: jax.lax.dynamic_update_index_in_dim(stack, layer.astype(stack.dtype), i, 0),
+                   donate_argnums=0, out_shardings=target)
+
+
+def release_host_memory() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim): host buffers under malloc's mmap
+    threshold (a layer's smaller tensors) stay in the process's heap when freed, counted in its RSS,
+    and a component's load or release would leave gigabytes there. A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def layer_counts(name: str, cfg: Any, scan_layers: bool = True) -> dict[str, int]:
+    """{stack: layers} of component `name` with config `cfg` (the transformer's stacks only when scanned)."""
+    if name == "transformer" and not scan_layers:
+        return {}
+    return {stack: getattr(cfg, field) for stack, field in STACKS[name].items()}
 
 
 def load_component(path: Path, name: str, mesh: Mesh, dtype=None, scan_layers: bool = True,
@@ -87,7 +127,6 @@ def load_component(path: Path, name: str, mesh: Mesh, dtype=None, scan_layers: b
     from convert import ConversionError, component_stream, is_converted, stored_quantization
 
     dtype = None if dtype is None else np.dtype(dtype)
-    stacks = STACKS[name] if (name != "transformer" or scan_layers) else ()
     try:
         if is_converted(path):
             stored = stored_quantization(path)
@@ -99,7 +138,7 @@ def load_component(path: Path, name: str, mesh: Mesh, dtype=None, scan_layers: b
         else:
             cfg, _, stream = component_stream(name, path, progress=progress, **kw)
             pieces = ((p.path, place(mesh, p.path, p.value, dtype)) for p in stream)
-        params = assemble(mesh, qz.quantize_pieces(pieces, name, quantize, mesh), stacks)
+        params = assemble(mesh, qz.quantize_pieces(pieces, name, quantize, mesh), layer_counts(name, cfg, scan_layers))
     except ConversionError as e:
         raise LoadError(str(e)) from None
     if name == "transformer":
@@ -119,7 +158,12 @@ def _converted_pieces(path: Path, mesh: Mesh, dtype, by_group: bool) -> tuple[It
     target = lambda p, shape, _: sharding.param_sharding(mesh, p, shape)
     if not by_group:
         tree, cfg = load_converted(path, dtype, sharding=target, stacked=False)
-        return leaves(tree).items(), cfg
+        flat = leaves(tree)
+        del tree
+        # Each handed over and forgotten, a stack's layers one after another: the stacks being filled
+        # replace the pieces already restored instead of coming on top of them.
+        order = sorted(flat, key=lambda p: _split(p, STACK_NAMES) or (p, 0))
+        return ((p, flat.pop(p)) for p in order), cfg
 
     def groups() -> Iterable:
         for group in dict.fromkeys(p.partition("/")[0] for p in stored_paths(path)):

@@ -18,8 +18,8 @@ device computes (approximate on meshes with tensor or sequence axes: divided by 
 
 Param bytes are exact (shapes from the configs and file headers, in the dtype they load in;
 quantized kernels as flux_jax.quantize stores them). Loading a component also holds, for a moment,
-one extra copy of its largest layer stack (loading.assemble stacks the per-layer pieces on the
-devices: T5-XXL's 24 layers, 9.3 GB in bf16). Activations are a simple model (ActivationModel),
+the tensor being read (loading.assemble writes each layer into its preallocated stack), and float32
+copies of it while it is quantized. Activations are a simple model (ActivationModel),
 fitted to XLA's compiled memory analysis on CPU and rounded up: the large buffers of the busiest
 layer of each model, all alive at once, plus the float copies of weights XLA makes (weight_copies).
 Not modelled: the image encoding of the editing pipelines (about the decode's size) and Kontext's
@@ -48,6 +48,7 @@ COMPONENTS = (*TEXT_ENCODERS, "transformer", "vae")
 STACK_NAMES = ("double_blocks", "single_blocks", "layers")  # layer stacks, see loading.STACKS
 LAYER_PATH = re.compile(r"^(double_blocks|single_blocks|layers)_(\d+)/(.+)$")  # per-layer checkpoint paths
 CLIP_TOKENS = 77
+QUANT_F32_COPIES = 2  # quantize.quantize_kernel's float32 input and qwix's scaled copy of it
 
 
 # ---------------------------------------------------------------- quantization (as flux_jax.quantize stores it)
@@ -156,12 +157,19 @@ def param_bytes(component: Component, dtype=None, quantize: Optional[str] = None
 
 def load_overhead(component: Component, dtype=None, quantize: Optional[str] = None, mesh=None,
                   scan_layers: bool = True) -> int:
-    """Extra bytes while loading: loading.assemble holds a stack's per-layer pieces and the stack at once
-    (the largest stack counts; the transformer's are stacked only when scan_layers)."""
-    if component.name == "transformer" and not scan_layers:
-        return 0
-    stacks = {p.partition("/")[0] for p in component.params} & set(STACK_NAMES)
-    return max((param_bytes(component, dtype, quantize, mesh, under=f"{s}/") for s in stacks), default=0)
+    """Extra bytes while loading: one tensor in flight (loading.assemble writes each layer's into its
+    preallocated stack), and while a kernel is quantized, float32 copies of it (QUANT_F32_COPIES).
+    The same whether the transformer's layers are stacked (scan_layers) or not."""
+    dtype = parse_dtype(dtype)
+    largest = 0.0
+    for path, (shape, stored) in component.params.items():
+        shape = shape[1:] if path.partition("/")[0] in STACK_NAMES else shape  # a layer's tensor (read one at a time)
+        dt = dtype if dtype is not None and jnp.issubdtype(stored, np.floating) else stored
+        per_value = np.dtype(dt).itemsize
+        if quantize is not None and jnp.issubdtype(stored, np.floating) and is_target(component.name, path):
+            per_value += QUANT_F32_COPIES * np.dtype(np.float32).itemsize
+        largest = max(largest, math.prod(shape) * per_value * _shard_fraction(mesh, path, shape))
+    return math.ceil(largest)
 
 
 # ---------------------------------------------------------------- activations
@@ -175,7 +183,8 @@ class ActivationModel:
     q, k, v and the MLP), q and k in float32 for RoPE, v, the attention output, the MLP's GELU and the
     concatenation for linear2 are alive together: `flux_stream` elements of the compute dtype and
     `flux_f32` of float32 a token and width. XLA's attention adds float32 logits and probabilities
-    (`attn_f32` × heads × L² a row); cuDNN's flash attention (GPU, half precision) adds none.
+    (`attn_f32` × heads × L² a row; one head's with layers.per_head_attention, the CPU default);
+    cuDNN's flash attention (GPU, half precision) adds none.
     T5/CLIP: `text_f32` float32 residual-stream copies and `text_wide` copies of the fused q/k/v and
     the gated FFN's two halves a token; T5's position bias is one more heads × L² float32 array.
     VAE decode: `vae_f32` float32 buffers of the largest level (full resolution, 256 channels: a
@@ -195,20 +204,26 @@ class ActivationModel:
 ACTIVATION_MODEL = ActivationModel()
 
 
-def flash_attention(dtype, platform: str) -> bool:
-    """Whether the transformer's attention materialises no logits: cuDNN's flash kernel on GPU in half
-    precision; on this process's own backend as layers.attention_impl decides (FLUX_JAX_ATTENTION)."""
+def logit_heads(dtype, platform: str, heads: int) -> int:
+    """Heads whose L×L float32 logits one transformer attention holds at once: none with cuDNN's flash
+    kernel (GPU, half precision), one with layers.per_head_attention (CPU), all with XLA's; on this
+    process's own backend as layers.attention_impl decides (FLUX_JAX_ATTENTION)."""
     if platform == jax.default_backend():
-        from .layers import attention_impl
-        return attention_impl(np.dtype(dtype)) == "cudnn"
-    return platform == "gpu" and np.dtype(dtype).itemsize == 2
+        from .layers import PER_HEAD, attention_impl
+
+        impl = attention_impl(np.dtype(dtype))
+        return 0 if impl == "cudnn" else 1 if impl == PER_HEAD else heads
+    if platform == "cpu":
+        return 1
+    return 0 if platform == "gpu" and np.dtype(dtype).itemsize == 2 else heads
 
 
-def transformer_activations(cfg: FluxConfig, rows: int, tokens: int, itemsize: int, flash: bool,
+def transformer_activations(cfg: FluxConfig, rows: int, tokens: int, itemsize: int, heads: int,
                             m: ActivationModel = ACTIVATION_MODEL) -> int:
-    """Peak bytes of one forward of `rows` × `tokens` (text + image) tokens."""
+    """Peak bytes of one forward of `rows` × `tokens` (text + image) tokens, `heads` heads' attention
+    logits alive at once (see logit_heads)."""
     per_token = cfg.hidden_size * (m.flux_stream * itemsize + m.flux_f32 * 4)
-    logits = 0 if flash else m.attn_f32 * 4 * cfg.num_heads * tokens ** 2
+    logits = m.attn_f32 * 4 * heads * tokens ** 2
     return math.ceil(rows * (tokens * per_token + logits))
 
 
@@ -340,7 +355,7 @@ def estimate(components: dict[str, Component], height: int = 1024, width: int = 
     dtype = parse_dtype(dtype)
     compute = dtype if dtype is not None else main_dtype(components["transformer"])
     platform = platform or jax.default_backend()
-    flash = flash_attention(compute, platform)
+    heads = logit_heads(compute, platform, components["transformer"].config.num_heads)
     s = 4 if platform == "cpu" else np.dtype(compute).itemsize  # XLA:CPU computes half precision in float32
     rows, split = _rows_per_device(batch, mesh), _model_split(mesh)
     tiled = use_tiling(tiled, height, width)
@@ -354,7 +369,7 @@ def estimate(components: dict[str, Component], height: int = 1024, width: int = 
         "text_encoder": clip_activations(cfg["text_encoder"], rows, s) // split + copies("text_encoder"),
         "text_encoder_2": t5_activations(cfg["text_encoder_2"], rows, txt_tokens, s) // split
         + copies("text_encoder_2"),
-        "transformer": transformer_activations(cfg["transformer"], rows, txt_tokens + img_tokens, s, flash) // split
+        "transformer": transformer_activations(cfg["transformer"], rows, txt_tokens + img_tokens, s, heads) // split
         + copies("transformer", scanned=scan_layers),
         "vae": decode(cfg["vae"], rows, *latent) + copies("vae", under="decoder/"),
     }

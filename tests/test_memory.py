@@ -143,7 +143,8 @@ def test_transformer_activations(cfg, dtype, mode, n_img, n_txt):
     got = temp_bytes(run, params, S((1, n_img, 64), dtype), S((1, n_txt, cfg.context_in_dim), dtype),
                      S((1, cfg.vec_in_dim), dtype), S((1,), jnp.float32), S((1,), jnp.float32))
     shapes = memory.Component("transformer", cfg, flat(param_shapes(cfg.replace(scan_layers=True), dtype)))
-    est = memory.transformer_activations(cfg, 1, n_img + n_txt, 4, flash=False) + memory.weight_copies(
+    heads = memory.logit_heads(dtype, "cpu", cfg.num_heads)  # one: layers.per_head_attention
+    est = memory.transformer_activations(cfg, 1, n_img + n_txt, 4, heads) + memory.weight_copies(
         shapes, jnp.dtype(dtype).itemsize, mode, "cpu", scanned=False)
     print(f"estimate {est / 1e6:.0f} MB, XLA {got / 1e6:.0f} MB: {est / got:.2f}")
     assert RATIO[0] <= est / got <= RATIO[1]
