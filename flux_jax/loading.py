@@ -30,7 +30,7 @@ from . import quantize as qz, sharding
 # with the config field holding its number of layers.
 STACKS = {"transformer": {"double_blocks": "depth", "single_blocks": "depth_single_blocks"},
           "text_encoder": {"layers": "num_layers"}, "text_encoder_2": {"layers": "num_layers"}, "vae": {}}
-STACK_NAMES = tuple({stack for stacks in STACKS.values() for stack in stacks})
+STACK_NAMES = tuple(dict.fromkeys(stack for stacks in STACKS.values() for stack in stacks))
 
 
 class LoadError(ValueError):

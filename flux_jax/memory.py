@@ -39,14 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import PIXELS_PER_TOKEN, VAE_DOWNSAMPLE, FluxConfig, T5Config, VAEConfig, parse_dtype
+from .loading import STACK_NAMES  # layer stacks, see loading.STACKS
 from .quantize import MODES as QUANT_MODES, SCALE, is_target, part_shapes
 from .tiling import TILE_LATENTS, use_tiling
 
 GB = 1e9  # reported sizes are decimal gigabytes, as model sizes are quoted ("23.8 GB")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS = (*TEXT_ENCODERS, "transformer", "vae")
-STACK_NAMES = ("double_blocks", "single_blocks", "layers")  # layer stacks, see loading.STACKS
-LAYER_PATH = re.compile(r"^(double_blocks|single_blocks|layers)_(\d+)/(.+)$")  # per-layer checkpoint paths
+LAYER_PATH = re.compile(rf"^({'|'.join(STACK_NAMES)})_(\d+)/(.+)$")  # per-layer checkpoint paths
 CLIP_TOKENS = 77
 QUANT_F32_COPIES = 2  # quantize.quantize_kernel's float32 input and qwix's scaled copy of it
 
