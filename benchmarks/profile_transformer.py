@@ -2,6 +2,9 @@
 top kernels by time. Random weights; for finding where the time goes, not for headline numbers.
 
     python benchmarks/profile_transformer.py OUT_DIR [--depth 19 --single 38 --size 1024 --txt 512]
+    python benchmarks/profile_transformer.py OUT_DIR --quantize fp8     # float8 GEMMs (cuBLASLt e4m3 kernels)
+
+The attention kernel is the one flux_jax picks (FLUX_JAX_ATTENTION overrides: see layers.attention_impl).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flux_jax import quantize as qz
 from flux_jax.config import DEV, PIXELS_PER_TOKEN
 from flux_jax.model import Flux, param_shapes
 from flux_jax.sampling import image_ids, text_ids
@@ -42,11 +46,13 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=38)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--txt", type=int, default=512)
+    ap.add_argument("--quantize", choices=tuple(qz.MODES), help="the blocks' kernels in this format")
     args = ap.parse_args()
     cfg = DEV.replace(depth=args.depth, depth_single_blocks=args.single)
     shapes = param_shapes(cfg)
     keys = iter(jax.random.split(jax.random.PRNGKey(0), len(jax.tree_util.tree_leaves(shapes))))
     params = jax.tree_util.tree_map(lambda s: 0.02 * jax.random.normal(next(keys), s.shape, jnp.bfloat16), shapes)
+    params = qz.quantize_tree(params, "transformer", args.quantize)
     h = w = args.size // PIXELS_PER_TOKEN
     rng = np.random.default_rng(0)
     x = {"img": jnp.asarray(rng.standard_normal((1, h * w, 64)), jnp.bfloat16), "img_ids": image_ids(h, w),

@@ -1,4 +1,5 @@
-"""Weight-only quantization (flux_jax/quantize.py): int8, int4 and nf4 against bf16, in error and bytes.
+"""Quantization (flux_jax/quantize.py): weight-only int8, int4 and nf4, and fp8 weights and activations,
+against bf16, in error and bytes (fp8's speed needs a Hopper GPU: benchmarks/transformer.py --gpu --quantize fp8).
 
     python benchmarks/quantize.py                    # everything below (CPU: a few minutes; training
                                                      # the digits model first, if needed: several more)
@@ -12,7 +13,7 @@
     accuracy of its 50 samples (true CFG 3, 20 steps) in fp32, bf16 and each mode (bf16 compute),
     and the images' mean / max absolute difference from the bf16 ones. Its T5 is the demo's random
     one (only the transformer is trained), 2 layers 32 wide: a chaotic function that 4-bit weights
-    change by ~50 % (int8: 3.5 %), so the 4-bit modes are also run with the transformer alone quantized.
+    change by ~50 % (int8: 3.5 %), so the 4-bit modes and fp8 are also run with the transformer alone quantized.
 (c) XLA's temporaries for a jitted 4-step sampling loop over the blocks of (a) (compiled, not run):
     dequantized weights must not all be alive at once (on a GPU/TPU, run this to check the backend).
 Also: the full FLUX.1-dev transformer's and T5-XXL's bytes per mode (computed from their shapes), and
@@ -29,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # digits_model beside this file
 
-MODES = ("int8", "int4", "nf4")
+MODES = ("int8", "int4", "nf4", "fp8")
+TRANSFORMER_ONLY = ("int4", "nf4", "fp8")  # also run with T5 left in bf16 (see (b))
 GB = 1e9
 
 
@@ -176,7 +178,7 @@ def digits(args) -> None:
     classifier = DigitClassifier()
     results = {}
     runs = [("fp32", "fp32", None), ("bf16", "bf16", None)] + [(m, "bf16", m) for m in MODES] + [
-        (f"{m}, transformer only", "bf16", m) for m in MODES[1:]]
+        (f"{m}, transformer only", "bf16", m) for m in TRANSFORMER_ONLY]
     for name, dtype, mode in runs:
         if name.endswith("only"):  # T5 left in bf16: this tiny T5 has random weights, see the docstring
             pipe = FluxPipeline.from_pretrained(run, dtype=dtype)

@@ -2,10 +2,13 @@
 
     python benchmarks/transformer.py                      # CPU default: real width, 1+2 blocks, 256² and 512², fp32
     python benchmarks/transformer.py --gpu                # full 19+38 blocks, bf16, 1024², 512 text tokens
+    python benchmarks/transformer.py --gpu --quantize none fp8 --attention cudnn tokamax   # the speed issue's table
 
 Prints a table: median seconds per forward, JAX/torch ratio, JAX compile time, TFLOP/s, and the
-relative L2 difference of the two outputs (a sanity check that both ran the same function).
-With --breakdown (CPU), a profile of where each framework's time goes: every projection matmul of
+relative L2 difference of the two outputs (a sanity check that both ran the same function). With
+--quantize, a row per weight format (flux_jax/quantize.py: fp8 runs float8 matmuls on Ada/Hopper) and
+its output's relative L2 difference from JAX's unquantized output.
+With --breakdown, a profile of where each framework's time goes: every projection matmul of
 the forward timed alone at its shape (jnp.dot vs torch.mm), the attention core alone (the one
 layers.attention_impl picks vs torch's scaled_dot_product_attention) times the blocks, and the
 rest (norms, RoPE, modulation, concatenations); and the time 0.8x torch's forward leaves.
@@ -46,41 +49,44 @@ def matmul_shapes(depth: int, depth_single: int, cfg, n_txt: int, n_img: int) ->
     return shapes
 
 
-def breakdown(cfg, depth: int, depth_single: int, n_txt: int, n_img: int, repeats: int, jdtype, tdtype) -> dict:
-    """Seconds of the forward's matmuls and attention cores, each timed alone, in JAX and torch."""
+def breakdown(cfg, depth: int, depth_single: int, n_txt: int, n_img: int, repeats: int, jdtype, tdtype,
+              tdev: str = "cpu") -> dict:
+    """Seconds of the forward's matmuls and attention cores, each timed alone, in JAX and torch
+    (torch on `tdev`, JAX on its default device)."""
     import jax
     import jax.numpy as jnp
     import torch
 
+    from flux_jax.quantize import dot as model_dot
+
     rng = np.random.default_rng(0)
+    tsync = (lambda o: torch.cuda.synchronize()) if tdev == "cuda" else (lambda o: None)
     out = {"jax matmuls": 0.0, "torch matmuls": 0.0}
-    dot = jax.jit(jnp.dot)
+    dot = jax.jit(model_dot)  # as layers.Linear multiplies (float32 accumulation for bf16 on CPU)
     for (m, k, n), count in matmul_shapes(depth, depth_single, cfg, n_txt, n_img).items():
         a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
         ja, jb = jnp.asarray(a, jdtype), jnp.asarray(b, jdtype)
-        ta, tb = torch.from_numpy(a).to(tdtype), torch.from_numpy(b).to(tdtype)
+        ta, tb = (torch.from_numpy(x).to(tdev, tdtype) for x in (a, b))
         dot(ja, jb).block_until_ready()
         out["jax matmuls"] += count * median_time(lambda: dot(ja, jb), repeats, lambda o: o.block_until_ready())
         with torch.inference_mode():
             torch.mm(ta, tb)
-            out["torch matmuls"] += count * median_time(lambda: torch.mm(ta, tb), repeats, lambda o: None)
+            out["torch matmuls"] += count * median_time(lambda: torch.mm(ta, tb), repeats, tsync)
     heads, head_dim, tokens = cfg.num_heads, cfg.hidden_size // cfg.num_heads, n_txt + n_img
     q, k, v = (rng.standard_normal((1, tokens, heads, head_dim), np.float32) for _ in range(3))
-    from flux_jax.layers import PER_HEAD, attention_impl, per_head_attention
+    from flux_jax.layers import dot_product_attention
 
-    impl = attention_impl(jdtype)  # as the forward runs it
-    attend = jax.jit(per_head_attention if impl == PER_HEAD else
-                     lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl))
+    # a fresh trace, so the kernel is the one FLUX_JAX_ATTENTION picks now
+    attend = jax.jit(lambda q, k, v: dot_product_attention(q, k, v))
     jq, jk, jv = (jnp.asarray(x, jdtype) for x in (q, k, v))
     attend(jq, jk, jv).block_until_ready()
     out["jax attention"] = (depth + depth_single) * median_time(lambda: attend(jq, jk, jv), repeats,
                                                                  lambda o: o.block_until_ready())
-    tq, tk, tv = (torch.from_numpy(x).to(tdtype).transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
+    tq, tk, tv = (torch.from_numpy(x).to(tdev, tdtype).transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with torch.inference_mode():
         sdpa(tq, tk, tv)
-        out["torch attention"] = (depth + depth_single) * median_time(lambda: sdpa(tq, tk, tv), repeats,
-                                                                       lambda o: None)
+        out["torch attention"] = (depth + depth_single) * median_time(lambda: sdpa(tq, tk, tv), repeats, tsync)
     return out
 
 
@@ -104,6 +110,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attention", nargs="+", default=[""],
                     help="JAX attention kernels to compare (xla, cudnn); default: flux_jax's own choice")
+    ap.add_argument("--quantize", nargs="+", default=["none"],
+                    help="weight formats to compare: none and flux_jax.quantize modes (int8, int4, nf4, fp8)")
     ap.add_argument("--no-torch", action="store_true",
                     help="JAX only, random weights drawn on the device (fast; for tuning kernels and flags)")
     ap.add_argument("--no-scan", action="store_true",
@@ -125,6 +133,7 @@ def main() -> None:
 
     from convert.core import DictReader, convert
     from convert.transformer import diffusers_rules
+    from flux_jax import quantize as qz
     from flux_jax.config import DEV, PIXELS_PER_TOKEN
     from flux_jax.model import Flux, param_shapes, unstack_layers
     from flux_jax.sampling import image_ids, text_ids
@@ -159,6 +168,8 @@ def main() -> None:
         params = unstack_layers(params)
     print(f"weights ready in {time.perf_counter() - t0:.1f} s")
 
+    modes = [None if m == "none" else qz.check_mode(m) for m in args.quantize]
+    weights = {m: qz.quantize_tree(params, "transformer", m) for m in modes}  # None: params as they are
     model = Flux(cfg, jdtype)
     rows, profiles = [], []
     for side in sizes:
@@ -189,29 +200,36 @@ def main() -> None:
             b = out_t.float().cpu().numpy().astype(np.float64)
 
         tf = flops(depth, single, cfg.hidden_size, cfg.mlp_ratio, n_txt, h * w, 1) / 1e12
+        first = len(rows)  # this image's first row: the first kernel, unquantized (what the profile explains)
         for impl in args.attention:
             os.environ["FLUX_JAX_ATTENTION"] = impl  # read when tracing: a fresh jit per kernel
-            fwd = jax.jit(lambda p, x: model.apply({"params": p}, **x))
-            t0 = time.perf_counter()
-            compiled = fwd.lower(params, jx).compile()
-            t_compile = time.perf_counter() - t0
-            out_j = compiled(params, jx)
-            out_j.block_until_ready()
-            t_jax = median_time(lambda: compiled(params, jx), args.repeats, lambda out: out.block_until_ready())
-            a = np.asarray(out_j, np.float64)
-            diff = float("nan") if b is None else np.linalg.norm(a - b) / np.linalg.norm(b)
-            rows.append((f"{side}x{side}", impl or "auto", h * w, t_torch, t_jax, t_jax / t_torch, t_compile,
-                         tf / t_jax, tf / t_torch, diff))
+            plain = None  # this kernel's unquantized output, for the quantized rows' error
+            for mode, p in weights.items():
+                fwd = jax.jit(lambda p, x: model.apply({"params": p}, **x))
+                t0 = time.perf_counter()
+                compiled = fwd.lower(p, jx).compile()
+                t_compile = time.perf_counter() - t0
+                out_j = compiled(p, jx)
+                out_j.block_until_ready()
+                t_jax = median_time(lambda: compiled(p, jx), args.repeats, lambda out: out.block_until_ready())
+                a = np.asarray(out_j, np.float64)
+                diff = float("nan") if b is None else np.linalg.norm(a - b) / np.linalg.norm(b)
+                plain = a if mode is None else plain
+                vs_plain = float("nan") if plain is None or mode is None else \
+                    np.linalg.norm(a - plain) / np.linalg.norm(plain)
+                rows.append((f"{side}x{side}", impl or "auto", mode or dtype_name, h * w, t_torch, t_jax,
+                             t_jax / t_torch, t_compile, tf / t_jax, tf / t_torch, diff, vs_plain))
         if args.breakdown and not args.no_torch:
-            parts = breakdown(cfg, depth, single, n_txt, h * w, args.repeats, jdtype, tdtype)
-            profiles.append((f"{side}x{side}", t_torch, rows[-1][4], parts))
+            os.environ["FLUX_JAX_ATTENTION"] = args.attention[0]
+            parts = breakdown(cfg, depth, single, n_txt, h * w, args.repeats, jdtype, tdtype, tdev)
+            profiles.append((f"{side}x{side}", t_torch, rows[first][5], parts))
 
     print()
-    print(f"{'image':>9} {'attn':>6} {'img tok':>7} {'torch s':>9} {'jax s':>9} {'jax/torch':>9} {'compile s':>9} "
-          f"{'jax TF/s':>9} {'torch TF/s':>10} {'rel diff':>9}")
+    print(f"{'image':>9} {'attn':>8} {'weights':>7} {'img tok':>7} {'torch s':>9} {'jax s':>9} {'jax/torch':>9} "
+          f"{'compile s':>9} {'jax TF/s':>9} {'torch TF/s':>10} {'rel diff':>9} {'vs float':>9}")
     for r in rows:
-        print(f"{r[0]:>9} {r[1]:>6} {r[2]:>7} {r[3]:>9.4f} {r[4]:>9.4f} {r[5]:>9.2f} {r[6]:>9.1f} {r[7]:>9.1f} "
-              f"{r[8]:>10.1f} {r[9]:>9.2e}")
+        print(f"{r[0]:>9} {r[1]:>8} {r[2]:>7} {r[3]:>7} {r[4]:>9.4f} {r[5]:>9.4f} {r[6]:>9.2f} {r[7]:>9.1f} "
+              f"{r[8]:>9.1f} {r[9]:>10.1f} {r[10]:>9.2e} {r[11]:>9.2e}")
     if profiles:
         print_breakdown(profiles)
 

@@ -111,7 +111,7 @@ def convert_to_checkpoint(src: str | Path, dst: str | Path, dtype: Any = None, o
                           quantize: str | None = None) -> Path:
     """Convert a diffusers pipeline folder, one component folder, or a BFL file into `dst`.
 
-    quantize: a flux_jax.quantize mode (int8, int4, nf4) for the transformer's and T5's block kernels.
+    quantize: a flux_jax.quantize mode (int8, int4, nf4, fp8) for the transformer's and T5's block kernels.
 
     A pipeline folder becomes dst/<component>/ for each model plus copies of the tokenizers,
     scheduler and model_index.json, so `FluxPipeline.from_pretrained(dst)` works on it.

@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     ap.add_argument("dst", help="output folder (must not exist unless --overwrite)")
     ap.add_argument("--dtype", default=None, help="store params as this dtype (bf16, fp32, fp16); default: as the source")
     ap.add_argument("--quantize", choices=tuple(MODES),
-                    help="save the transformer's and T5's block kernels weight-only quantized (loaded as saved)")
+                    help="save the transformer's and T5's block kernels quantized (loaded as saved)")
     ap.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

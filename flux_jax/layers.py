@@ -104,23 +104,32 @@ def apply_rope(x: jax.Array, pe: jax.Array) -> jax.Array:
     return jnp.stack([re, im], axis=-1).reshape(x.shape).astype(x.dtype)
 
 
-PER_HEAD = "per_head"  # attention_impl's name for per_head_attention
+XLA, CUDNN, PER_HEAD, TOKAMAX = "xla", "cudnn", "per_head", "tokamax"  # attention_impl's names
+# tokamax.dot_product_attention's implementations, forced with FLUX_JAX_ATTENTION=tokamax:<name>
+TOKAMAX_IMPLS = ("mosaic", "triton", "cudnn", "xla", "xla_chunked")
+ATTENTION_IMPLS = (XLA, CUDNN, PER_HEAD, TOKAMAX, *(f"{TOKAMAX}:{name}" for name in TOKAMAX_IMPLS))
 
 
 def attention_impl(dtype) -> Optional[str]:
     """cuDNN's fused flash attention on NVIDIA GPUs in half precision, per_head_attention on CPU,
     XLA's otherwise.
 
-    jax.nn.dot_product_attention does not pick cuDNN by itself; FLUX_JAX_ATTENTION=xla|cudnn|per_head overrides.
+    jax.nn.dot_product_attention does not pick cuDNN by itself. FLUX_JAX_ATTENTION (one of
+    ATTENTION_IMPLS, read when tracing) overrides: xla|cudnn (jax.nn's), per_head, tokamax (Google's
+    Pallas kernels, tokamax picks: see tokamax_attention) or tokamax:<name> (one of TOKAMAX_IMPLS).
+    tokamax is not a default: cuDNN vs tokamax on GPU is for `benchmarks/transformer.py --gpu
+    --attention cudnn tokamax` to measure.
     """
     forced = os.environ.get("FLUX_JAX_ATTENTION")
     if forced:
+        if forced not in ATTENTION_IMPLS:
+            raise ValueError(f"FLUX_JAX_ATTENTION={forced!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
         return forced
     backend = jax.default_backend()
     if backend == "cpu":
         return PER_HEAD
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and backend == "gpu" else None
+    return CUDNN if half and backend == "gpu" else None
 
 
 def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -144,12 +153,51 @@ def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return out.reshape(b, heads, length, dim).transpose(0, 2, 1, 3)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array) -> jax.Array:
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+def _import_tokamax():
+    """tokamax, imported only when chosen (about 1 s of imports).
+
+    tokamax reads its options as absl flags and, unless a program already parsed them (absl's
+    app.run), parses sys.argv for them on first use: an argparse command line (--steps 4) then fails
+    with UnrecognizedFlagError. Marked parsed here instead, so its options keep their defaults
+    (tokamax.config's context managers still override them).
+    """
+    try:
+        import tokamax
+        from absl import flags
+    except ModuleNotFoundError as e:
+        if e.name != "tokamax":  # tokamax is there but broken: its own error says more
+            raise
+        raise ModuleNotFoundError("FLUX_JAX_ATTENTION=tokamax needs the tokamax package: pip install tokamax") from None
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return tokamax
+
+
+def tokamax_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: Optional[str] = None) -> jax.Array:
+    """Softmax attention over (B, L, H, D) by tokamax.dot_product_attention, jax.nn's layout.
+
+    implementation: one of TOKAMAX_IMPLS; None lets tokamax take the first of mosaic (Mosaic GPU
+    flash attention on sm90/sm100 in half precision, splash/Mosaic on TPU), triton (Pallas Triton
+    flash attention) and xla that supports the inputs: xla on CPU. Scale 1/sqrt(D); logits and
+    softmax in float32; dot precision the process default (jax_default_matmul_precision), as
+    jax.nn's: exact float32 on CPU, TF32 for float32 on GPU (where Mosaic then declines).
+    """
+    tokamax = _import_tokamax()
+    return tokamax.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, implementation=implementation)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention over (B, L, H, D), no RoPE, by the kernel attention_impl picks."""
     impl = attention_impl(q.dtype)
     if impl == PER_HEAD:
         return per_head_attention(q, k, v)
+    if impl is not None and impl.partition(":")[0] == TOKAMAX:
+        return tokamax_attention(q, k, v, impl.partition(":")[2] or None)
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array) -> jax.Array:
+    return dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array) -> jax.Array:

@@ -205,14 +205,20 @@ ACTIVATION_MODEL = ActivationModel()
 
 
 def logit_heads(dtype, platform: str, heads: int) -> int:
-    """Heads whose L×L float32 logits one transformer attention holds at once: none with cuDNN's flash
-    kernel (GPU, half precision), one with layers.per_head_attention (CPU), all with XLA's; on this
-    process's own backend as layers.attention_impl decides (FLUX_JAX_ATTENTION)."""
+    """Heads whose L×L float32 logits one transformer attention holds at once: none with a flash
+    kernel (cuDNN's on GPU in half precision; tokamax's Mosaic, Triton and cuDNN), one with
+    layers.per_head_attention (CPU) or tokamax's xla_chunked (its 512×1024 chunks of every head: 183 MB
+    at 4608 tokens × 24 heads, fp32, as per_head's 179 MB), all with XLA's (jax.nn's or tokamax's); on
+    this process's own backend as layers.attention_impl decides (FLUX_JAX_ATTENTION)."""
     if platform == jax.default_backend():
-        from .layers import PER_HEAD, attention_impl
+        from .layers import PER_HEAD, TOKAMAX, XLA, attention_impl
 
-        impl = attention_impl(np.dtype(dtype))
-        return 0 if impl == "cudnn" else 1 if impl == PER_HEAD else heads
+        impl = attention_impl(np.dtype(dtype)) or XLA
+        if impl in (PER_HEAD, f"{TOKAMAX}:xla_chunked"):
+            return 1
+        if impl == TOKAMAX:  # tokamax's own pick: its XLA version on CPU, a flash kernel on GPU and TPU
+            return heads if platform == "cpu" else 0
+        return heads if impl in (XLA, f"{TOKAMAX}:{XLA}") else 0
     if platform == "cpu":
         return 1
     return 0 if platform == "gpu" and np.dtype(dtype).itemsize == 2 else heads
@@ -267,16 +273,21 @@ def weight_copies(component: Component, itemsize: int, quantize: Optional[str], 
                   scanned: bool = True, under: str = "", m: ActivationModel = ACTIVATION_MODEL) -> int:
     """Bytes of float copies of kernels (under `under`) that XLA keeps during a forward.
 
-    CPU (XLA's compiled memory, FLUX.1-dev and T5-XXL in bf16): a half-precision kernel is converted
+    CPU (XLA's compiled memory, FLUX.1-dev and T5-XXL in bf16): a half-precision kernel was converted
     to float32, every layer's alive at once (48.7 GB for the transformer, 19.4 GB for T5), plus one
-    layer's slice of a scanned stack; a quantized kernel is dequantized inside a scanned stack's loop
-    one layer at a time, in the compute dtype (T5 int8: 0.47 GB; the transformer scanned: 0.49 GB),
-    but unrolled blocks keep `cpu_dequant` bytes a value alive (13.0 GB, int8 or 4-bit), float32
-    ones all 4 bytes. `cpu_copy` is the margin on these. GPU/TPU (not measured here): half precision
-    runs natively and a quantized kernel is dequantized next to its matmul: one layer's worth.
+    layer's slice of a scanned stack. Since matmuls accumulate in float32 (quantize.accumulator) only
+    the M = 1 ones (modulations, embedders) and T5's token table are converted (2 bf16 T5-XXL layers,
+    77 tokens: 1.94 GB of temporaries, was 2.32); the whole-model count is kept as an upper bound. A
+    quantized kernel is dequantized inside a scanned stack's loop one kernel at a time, in the compute
+    dtype (2 T5-XXL int8 layers, 512 tokens: 0.29 GB of temporaries in all; its largest kernel is
+    0.17 GB); unrolled blocks keep `cpu_dequant` bytes a value alive (13.0 GB, int8 or 4-bit), float32
+    ones all 4 bytes; fp8 kernels alike (XLA:CPU upcasts their matmuls' operands: the same temporaries
+    as int8's measured, real-width blocks unrolled and T5 scanned). `cpu_copy` is the margin on these.
+    GPU/TPU (not measured here): half precision runs natively and a quantized kernel is dequantized
+    next to its matmul: one layer's worth (fp8 on Ada/Hopper: none, a float8 GEMM reads it as is).
     """
     cpu = platform == "cpu"
-    whole, layer = 0.0, {}  # copies of every layer alive at once; one layer's copy, by stack
+    whole, layer = 0.0, {}  # copies of every layer alive at once; one layer's (CPU quantized: kernel's) copy, by stack
     for path, (shape, dtype) in component.params.items():
         quantized = quantize is not None and jnp.issubdtype(dtype, np.floating) and is_target(component.name, path)
         if not (path.startswith(under) and path.endswith("kernel") and (quantized or (cpu and itemsize < 4))):
@@ -285,7 +296,9 @@ def weight_copies(component: Component, itemsize: int, quantize: Optional[str], 
         stack = path.partition("/")[0]
         per_layer = n / shape[0] if stack in STACK_NAMES else n
         looped = stack in STACK_NAMES and (scanned or component.name != "transformer")  # the others always scan
-        if quantized and (looped or not cpu):
+        if quantized and looped and cpu:
+            layer[stack] = max(layer.get(stack, 0.0), per_layer * itemsize)
+        elif quantized and (looped or not cpu):
             layer[stack] = layer.get(stack, 0.0) + per_layer * itemsize
         elif quantized:
             whole += n * (4 if itemsize == 4 else m.cpu_dequant)

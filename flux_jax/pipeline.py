@@ -53,14 +53,16 @@ def jit_apply(module, method: str, params: dict, *args):
     return module.apply({"params": params}, *args, method=getattr(type(module), method))
 
 
-def default_scan_layers(quantized: bool = False) -> bool:
+def default_scan_layers(quantize: Optional[str] = None) -> bool:
     """Unrolled blocks on GPU and CPU, where XLA copies each layer's weights out of a scanned stack
     (16 ms of a 141 ms H100 forward; measured faster unrolled on CPU too); scanned on TPU.
 
-    Quantized weights are scanned everywhere: unrolled, XLA dequantizes every layer's kernels up
-    front (compiled memory of one FLUX.1-dev int8 forward on CPU: 13.0 GB unrolled, 0.49 GB scanned).
+    Weights that are dequantized next to their matmuls (quantize.dequantized_in_matmul) are scanned
+    everywhere: unrolled, XLA dequantizes every layer's kernels up front (compiled memory of one
+    FLUX.1-dev int8 forward on CPU: 13.0 GB unrolled, 0.49 GB scanned). fp8 on a GPU with float8
+    GEMMs has nothing to dequantize, so it stays unrolled there.
     """
-    return quantized or jax.default_backend() == "tpu"
+    return qz.dequantized_in_matmul(quantize) or jax.default_backend() == "tpu"
 
 
 class PipelineError(ValueError):
@@ -227,12 +229,12 @@ class FluxPipeline(LoraMixin):
         (default): only when all models together would not fit (see check_memory).
         scan_layers: run the block stacks under nn.scan (fast compile) or unrolled with per-layer
         params (9% faster forward on an H100 but ~30 s compile); default: scanned on TPU and when
-        quantized, unrolled elsewhere (see default_scan_layers). mesh: a
+        quantized (but fp8 on Ada/Hopper), unrolled elsewhere (see default_scan_layers). mesh: a
         jax.sharding.Mesh with sharding.MESH_AXES (see sharding.make_mesh); default: all devices on
         the data axis. Each tensor goes straight onto the mesh with its sharding as it is read.
-        quantize: 'int8', 'int4' or 'nf4' (see flux_jax/quantize.py): the transformer's and T5's
-        block kernels weight-only quantized, each as it is placed; a folder converted with
-        --quantize loads as it was saved (quantize None or the same mode).
+        quantize: 'int8', 'int4', 'nf4' or 'fp8' (see flux_jax/quantize.py): the transformer's and
+        T5's block kernels quantized, each as it is placed (fp8: activations too, float8 matmuls);
+        a folder converted with --quantize loads as it was saved (quantize None or the same mode).
         check_memory: before loading anything, estimate the peak memory (flux_jax.memory) of images
         of height x width (default: the variant's, 1024²), `batch` at a time, against what the
         devices have; choose low_memory and VAE tiling by it where they are None, or fail at once
@@ -248,7 +250,7 @@ class FluxPipeline(LoraMixin):
         mesh = sharding.make_mesh() if mesh is None else mesh
         encoders = lambda: (load_params(root / "text_encoder", "text_encoder", mesh, dtype),
                             load_params(root / "text_encoder_2", "text_encoder_2", mesh, dtype, quantize=quantize))
-        scan = default_scan_layers(quantize is not None) if scan_layers is None else scan_layers
+        scan = default_scan_layers(quantize) if scan_layers is None else scan_layers
         tr_path = Path(transformer) if transformer else root / "transformer"
         tr_kw = _bfl_axes(root, transformer) if transformer else {}
         load_transformer = lambda: load_params(tr_path, "transformer", mesh, dtype, scan, quantize, **tr_kw)

@@ -1,4 +1,5 @@
-"""Weight-only quantization (int8, int4, nf4) of the transformer's and T5's Linear kernels, with qwix.
+"""Quantization of the transformer's and T5's Linear kernels with qwix: weight-only (int8, int4, nf4),
+or fp8 weights and activations (fp8: the matmul itself runs in float8 where the hardware has it).
 
     pipe = FluxPipeline.from_pretrained(path, dtype="bf16", quantize="int8")   # CLI: --quantize int8
     python -m convert /path/FLUX.1-dev flux-dev-int8 --quantize int8           # saved quantized, loads as is
@@ -9,12 +10,21 @@ format, so params stay plain nested dicts and the matmul needs no other configur
     {"int8": int8 (in, out),      "scale": (1, out)}       one scale per output channel
     {"int4": uint8 (in/2, out),   "scale": (in/G, out)}    a scale per output and group of G input rows
     {"nf4":  uint8 (in/2, out),   "scale": (in/G, out)}    NormalFloat-4 codes (QLoRA's), grouped alike
+    {"fp8":  uint8 (in, out),     "scale": (1, out)}       float8_e4m3fn bits, one scale per output channel
 
 A stacked kernel (L, in, out) (nn.scan layouts) gets a leading L on both, each layer with its own
 scales. Scales are symmetric absmax ones computed by qwix in float32 and stored in the weight's
 dtype, which is also the compute dtype: `dot` rebuilds qwix's QArray and calls qwix.dot, which for
 a float activation dequantizes the weight (qwix.dequantize) right before a float matmul, inside
 the jitted model. Values and scales take the kernel's sharding (see sharding.param_axes).
+
+fp8 (Hopper's and Ada's tensor-core format, as torchao's "float8 dynamic row-wise"): the weight is
+stored in float8_e4m3fn with a scale per output channel, and each activation row (token) is quantized
+to float8_e4m3fn on the fly with its own absmax scale, so the matmul takes two float8 operands (one
+lax.dot_general, f8 x f8 -> compute dtype, accumulated in float32 by cuBLASLt on GPU) and both scales
+multiply its output. Where the hardware has no float8 GEMM (CPU, pre-Ada GPUs) XLA upcasts the
+operands: the same products and float32 sums, slower. Error of one x @ W against float32 for N(0, 1)
+inputs: 3.7 % (bf16: 0.17 %); its effect on the model is measured in benchmarks/quantize.py.
 
 4-bit storage: XLA holds a jnp.int4 / uint4 array at one byte a value (measured on CPU: a 1024×1024
 int4 array's device buffer is 1 MiB, as int8's; benchmarks/quantize.py prints it for any backend),
@@ -55,13 +65,18 @@ class Mode:
     group: Optional[int]  # input rows sharing a scale; None: one scale per output channel (all rows)
     packed: bool  # two values a byte
     signed: bool  # two's complement values (int4) or unsigned codes (nf4's table indices)
+    activations: bool = False  # activations quantized too (per row, on the fly): a low-precision matmul
+    bits: bool = False  # float values stored as their uint8 bits (see _after)
 
 
 MODES = {
     "int8": Mode(jnp.int8, None, packed=False, signed=True),
     "int4": Mode(jnp.int4, GROUP, packed=True, signed=True),
     "nf4": Mode("nf4", GROUP, packed=True, signed=False),
+    "fp8": Mode(jnp.float8_e4m3fn, None, packed=False, signed=True, activations=True, bits=True),
 }
+FP8_MIN_CAPABILITY = 8.9  # NVIDIA compute capability of the first float8 tensor cores (Ada)
+ACTIVATION_SCALE_DTYPE = jnp.float32  # an activation row's scale: float32, so x / scale never overflows e4m3
 
 # Quantized kernels, by component: every Linear kernel inside the repeated blocks (stacked or per
 # layer): 99.4 % of FLUX.1-dev's transformer weights and 97.2 % of T5-XXL's. The embedders, input and
@@ -156,7 +171,8 @@ def quantize_kernel(w: jax.Array, mode: str) -> dict[str, jax.Array]:
     q = qwix.quantize(w.astype(jnp.float32), spec.qtype,
                       channelwise_axes=[a for a in range(w.ndim) if a != rows],  # outputs (and layers)
                       tiled_axes={rows: group} if group else None, scale_dtype=w.dtype)
-    return {mode: pack(q.qvalue) if spec.packed else q.qvalue, SCALE: q.scale}
+    values = pack(q.qvalue) if spec.packed else q.qvalue
+    return {mode: jax.lax.bitcast_convert_type(values, jnp.uint8) if spec.bits else values, SCALE: q.scale}
 
 
 def pack(values: jax.Array) -> jax.Array:
@@ -183,6 +199,8 @@ def as_qarray(kernel: Mapping) -> qwix.QArray:
     spec, values = MODES[mode], kernel[mode]
     if spec.packed:
         values = unpack(values, spec.signed)
+    if spec.bits:
+        values = jax.lax.bitcast_convert_type(values, spec.qtype)
     return qwix.QArray(values, kernel[SCALE], qtype=spec.qtype)
 
 
@@ -192,12 +210,54 @@ def dequantize(kernel: Mapping) -> jax.Array:
 
 
 def dot(x: jax.Array, kernel: Any) -> jax.Array:
-    """x @ kernel for a float kernel or a quantized one (qwix dequantizes it next to the matmul)."""
+    """x @ kernel for a float kernel or a quantized one: weight-only modes dequantize it next to the
+    matmul (qwix); fp8 quantizes x's rows too and multiplies in float8 (see quantize_rows)."""
+    acc = accumulator(x.dtype)
     if not is_quantized(kernel):
-        return jnp.dot(x, kernel)
-    if not sharding.on_mesh():  # on a mesh, x's first element would cost a collective a layer
+        return jnp.dot(x, kernel, preferred_element_type=acc).astype(x.dtype)
+    mode = format_of(kernel)
+    spec = MODES[mode]
+    # on a mesh, x's first element would cost a collective a layer; a native float8 GEMM reads the
+    # weight as it is (nothing to hoist), where the add would cost a copy of it a matmul
+    if not sharding.on_mesh() and dequantized_in_matmul(mode):
         kernel = _after(kernel, x)
-    return qwix.dot(x, as_qarray(kernel))
+    if spec.activations:
+        return qwix.dot(quantize_rows(x, spec.qtype), as_qarray(kernel),
+                        preferred_element_type=acc or x.dtype).astype(x.dtype)
+    return qwix.dot(x, as_qarray(kernel), preferred_element_type=acc).astype(x.dtype)
+
+
+HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def accumulator(dtype) -> Optional[jnp.dtype]:
+    """What a matmul of `dtype` operands asks XLA to return before rounding to `dtype`: float32 for
+    half precision on CPU, None (their dtype) otherwise. XLA:CPU hands a bf16 x bf16 -> f32 dot to
+    YNNPACK as it is (AVX512-BF16 kernels where the host has them) but computes bf16 -> bf16 by
+    converting both operands to f32 first: FLUX's linear1 shape (1152 x 3072 x 15360) 0.29 s vs 0.68 s
+    on 2 Zen 4 cores (torch bf16: 0.29 s), the same float32 arithmetic. GPUs and TPUs accumulate in
+    float32 and write the half dtype from the one GEMM."""
+    return jnp.float32 if jnp.dtype(dtype) in HALF and jax.default_backend() == "cpu" else None
+
+
+def dequantized_in_matmul(mode: Optional[str]) -> bool:
+    """Whether `mode`'s kernels become float next to each matmul on this backend: the weight-only
+    modes everywhere, fp8 where there is no float8 GEMM (XLA upcasts its operands)."""
+    return mode is not None and not (MODES[mode].activations and native_fp8())
+
+
+@functools.lru_cache(maxsize=None)
+def native_fp8() -> bool:
+    """Whether the default device multiplies float8 matrices in hardware: NVIDIA GPUs of compute
+    capability 8.9 and up (Ada, Hopper, Blackwell). Elsewhere XLA upcasts the operands."""
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    return device.platform == "gpu" and capability is not None and float(capability) >= FP8_MIN_CAPABILITY
+
+
+def quantize_rows(x: jax.Array, qtype) -> qwix.QArray:
+    """x (..., in) quantized to `qtype` with one absmax scale per row (every axis but the last)."""
+    return qwix.quantize(x, qtype, channelwise_axes=list(range(x.ndim - 1)), scale_dtype=ACTIVATION_SCALE_DTYPE)
 
 
 def _after(kernel: Mapping, x: jax.Array) -> dict:
@@ -205,7 +265,10 @@ def _after(kernel: Mapping, x: jax.Array) -> dict:
     that its dequantization waits for x. Without it XLA dequantizes every weight of a forward up front
     and hoists them out of a sampling loop, holding the whole model in float. Measured on CPU (XLA's
     temporaries of the compiled function): six int8 4096² layers in a row, 403 MB -> 67 MB (one
-    layer's); a jitted 4-step Euler loop over 1 + 1 real-width FLUX blocks in fp32, 1.93 GB -> 0.57 GB."""
+    layer's); a jitted 4-step Euler loop over 1 + 1 real-width FLUX blocks in fp32, 1.93 GB -> 0.57 GB.
+    The add is on integers: fp8 values are stored as their uint8 bits for that (an fp8 add is upcast,
+    to f16 on CPU, and that upcast of every weight hoisted out of the loop: 16 fp8 512² layers in a
+    fori_loop, 9 layers' f32 bytes of temporaries; with the uint8 add, 1)."""
     mode = format_of(kernel)
     zero = (x.reshape(-1)[0] * 0).astype(kernel[mode].dtype)
     return {**kernel, mode: kernel[mode] + zero}

@@ -122,9 +122,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="never hold the text encoders and the transformer in memory together (default: only when "
                         "all models together would not fit)")
     p.add_argument("--quantize", choices=tuple(QUANTIZE_MODES),
-                   help="weight-only quantization of the transformer's and T5's block kernels, applied while loading "
-                        "(int8: per output channel; int4, nf4: groups of 64); a model converted with --quantize "
-                        "loads quantized without it")
+                   help="quantization of the transformer's and T5's block kernels, applied while loading: "
+                        "weight-only int8 (per output channel), int4, nf4 (groups of 64); or fp8 weights and "
+                        "activations (float8 matmuls on Ada/Hopper GPUs, emulated elsewhere); a model converted "
+                        "with --quantize loads quantized without it")
 
 
 def add_memory_arguments(p: argparse.ArgumentParser) -> None:
