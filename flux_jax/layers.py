@@ -167,7 +167,8 @@ def _import_tokamax():
     except ModuleNotFoundError as e:
         if e.name != "tokamax":  # tokamax is there but broken: its own error says more
             raise
-        raise ModuleNotFoundError("FLUX_JAX_ATTENTION=tokamax needs the tokamax package: pip install tokamax") from None
+        raise ModuleNotFoundError("FLUX_JAX_ATTENTION=tokamax needs the tokamax package: "
+                                  "pip install tokamax (or flux-jax[tokamax])") from None
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     return tokamax

@@ -165,7 +165,8 @@ def test_unknown_attention_is_one_clear_error(monkeypatch):
 
 def test_tokamax_missing_says_pip_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tokamax", None)  # import tokamax fails as if not installed
-    with pytest.raises(ModuleNotFoundError, match="(?m)^FLUX_JAX_ATTENTION=tokamax needs .*: pip install tokamax$"):
+    msg = r"(?m)^FLUX_JAX_ATTENTION=tokamax needs .*: pip install tokamax \(or flux-jax\[tokamax\]\)$"
+    with pytest.raises(ModuleNotFoundError, match=msg):
         attend_with(monkeypatch, "tokamax", *qkv_pe(8))
 
 
