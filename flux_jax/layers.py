@@ -128,8 +128,7 @@ def attention_impl(dtype) -> Optional[str]:
     backend = jax.default_backend()
     if backend == "cpu":
         return PER_HEAD
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return CUDNN if half and backend == "gpu" else None
+    return CUDNN if jnp.dtype(dtype) in quantize.HALF and backend == "gpu" else None
 
 
 def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -192,8 +191,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     impl = attention_impl(q.dtype)
     if impl == PER_HEAD:
         return per_head_attention(q, k, v)
-    if impl is not None and impl.partition(":")[0] == TOKAMAX:
-        return tokamax_attention(q, k, v, impl.partition(":")[2] or None)
+    name, _, kernel = (impl or "").partition(":")
+    if name == TOKAMAX:
+        return tokamax_attention(q, k, v, kernel or None)
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 

@@ -287,7 +287,7 @@ def weight_copies(component: Component, itemsize: int, quantize: Optional[str], 
     next to its matmul: one layer's worth (fp8 on Ada/Hopper: none, a float8 GEMM reads it as is).
     """
     cpu = platform == "cpu"
-    whole, layer = 0.0, {}  # copies of every layer alive at once; one layer's (CPU quantized: kernel's) copy, by stack
+    whole, layer = 0.0, {}  # copies of all layers alive at once; by stack, one layer's (CPU quantized: one kernel's)
     for path, (shape, dtype) in component.params.items():
         quantized = quantize is not None and jnp.issubdtype(dtype, np.floating) and is_target(component.name, path)
         if not (path.startswith(under) and path.endswith("kernel") and (quantized or (cpu and itemsize < 4))):

@@ -77,6 +77,7 @@ MODES = {
 }
 FP8_MIN_CAPABILITY = 8.9  # NVIDIA compute capability of the first float8 tensor cores (Ada)
 ACTIVATION_SCALE_DTYPE = jnp.float32  # an activation row's scale: float32, so x / scale never overflows e4m3
+HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # half-precision compute dtypes (see accumulator)
 
 # Quantized kernels, by component: every Linear kernel inside the repeated blocks (stacked or per
 # layer): 99.4 % of FLUX.1-dev's transformer weights and 97.2 % of T5-XXL's. The embedders, input and
@@ -225,9 +226,6 @@ def dot(x: jax.Array, kernel: Any) -> jax.Array:
         return qwix.dot(quantize_rows(x, spec.qtype), as_qarray(kernel),
                         preferred_element_type=acc or x.dtype).astype(x.dtype)
     return qwix.dot(x, as_qarray(kernel), preferred_element_type=acc).astype(x.dtype)
-
-
-HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def accumulator(dtype) -> Optional[jnp.dtype]:
